@@ -1,0 +1,61 @@
+"""Backends: the internal contract every backend module implements identically.
+
+The public API (``tileattn.api``) validates inputs, fills defaults and normalizes the
+arguments below before any backend runs; backends may assume valid input.
+
+Each backend module (``cpu``, ``triton``; ``reference`` is the oracle) exposes::
+
+    forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask,
+            dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q=None, max_seqlen_k=None) -> (out, lse)
+
+    backward(dout, q, k, v, out, lse, *, <same keywords>, deterministic, mask_grad)
+            -> (dq, dk, dv, dsinks | None, dmask | None)
+
+    forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table,
+                    scale, window, softcap, alibi_slopes, sinks, num_splits) -> (out, lse)
+
+Shapes (native layout, any strides, last-dim stride 1 guaranteed by the API):
+
+- dense:  q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv)
+          -> out (B, Sq, Hq, Dv) contiguous in q.dtype, lse (B, Hq, Sq) float32.
+- varlen (``cu_seqlens_q`` given): q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv),
+          cu_seqlens_* int32 (B+1,) on q's device, max_seqlen_* Python ints (upper bounds)
+          -> out (Tq, Hq, Dv), lse (Hq, Tq) float32 (flash-attn's varlen lse layout).
+- kvcache: q (B, Sn, Hq, D); contiguous cache (B, Smax, Hkv, D[v]) with block_table None,
+          or paged cache (num_blocks, block_size, Hkv, D[v]) with block_table int32
+          (B, max_blocks); k_new/v_new None or (B, Sn, Hkv, D[v]); cache_seqlens int32 (B,).
+          k_new/v_new are written in place at cache positions cache_seqlens[b] .. +Sn, then
+          the keys 0 .. cache_seqlens[b] + Sn (or cache_seqlens[b] when k_new is None) are
+          attended -> out (B, Sn, Hq, Dv), lse (B, Hq, Sn). ``num_splits`` 0 = backend's choice.
+
+Normalized arguments:
+
+- ``scale``: float, already defaulted to 1/sqrt(D).
+- ``window``: (left, right) ints with ``causal`` folded in (causal => right = 0); -1 means
+  unbounded. With off = Sk - Sq (per sequence) row i keeps key j iff
+  ``(left < 0 or j >= i + off - left) and (right < 0 or j <= i + off + right)``.
+- ``softcap``: float, 0.0 = off.
+- ``alibi_slopes``: None or float32 (B, Hq) (a (Hq,) input arrives as a stride-0 expand).
+- ``sinks``: None or float32 (Hq,) logits.
+- ``attn_mask`` (dense only): None, or a (B, Hq, Sq, Sk) view (broadcast dims have stride 0),
+  bool (True = keep) or floating (added to the score after ALiBi).
+- ``dropout_p``: float in [0, 1); ``seed``: int, the Philox key (see ``tileattn._philox``),
+  ignored when dropout_p == 0. Backends must drop exactly ``_philox.keep_mask``'s elements.
+- ``deterministic``: bool, bitwise-reproducible backward.
+- ``mask_grad``: bool, return dmask = dL/d(score) as float32 (B, Hq, Sq, Sk) (the op layer
+  reduces it to the mask's own shape); otherwise None.
+- ``dsinks``: float32 (Hq,) when sinks is given, else None.
+
+Score pipeline order, empty rows (out 0, lse -inf or the sink logit, zero gradients) and
+dtypes follow ``../shared/design/API.md``; ``tileattn.reference`` is the same in code.
+"""
+
+import importlib
+
+BACKENDS = ("cpu", "triton", "reference")
+
+
+def get(name: str):
+    """Return the backend module for ``name`` (one of BACKENDS)."""
+    return importlib.import_module(f"tileattn.backends.{name}" if name != "reference" else "tileattn.reference")
