@@ -1,0 +1,13 @@
+"""tileattn: exact, IO-aware attention for PyTorch (Triton kernels on GPU, tiled CPU backend).
+
+    >>> import torch, tileattn
+    >>> q, k, v = (torch.randn(1, 128, 8, 64) for _ in range(3))
+    >>> out = tileattn.attention(q, k, v, causal=True)
+"""
+
+from . import kvcache, reference
+from .api import attention, attention_varlen, attention_with_kvcache, sdpa
+
+__version__ = "0.1.0"
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa", "kvcache", "reference",
+           "__version__"]

@@ -1,0 +1,318 @@
+"""Public entry points: validate, fill defaults, pick a backend, call the custom ops.
+
+Layout is (B, S, H, D) everywhere except ``sdpa``, which mirrors torch's (B, H, L, E).
+GQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``. Causal masks are aligned to the
+bottom-right corner (flash-attn >= 2.1): with ``off = Sk - Sq``, row ``i`` keeps ``j <= i + off``::
+
+    Sq=2, Sk=5, causal          Sq=5, Sk=2, causal (rows 0-2 keep nothing: out 0, lse -inf)
+      1 1 1 1 0                   0 0
+      1 1 1 1 1                   0 0
+                                  0 0
+                                  1 0
+                                  1 1
+"""
+
+import math
+import os
+
+import torch
+
+from . import _checks, _philox, backends, ops
+
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa"]
+
+_NEEDS = {"forward": "attention", "backward": "attention backward", "forward_kvcache": "attention_with_kvcache"}
+
+
+def _backend(name: str, q: torch.Tensor, needs: str) -> str:
+    """Resolve ``backend`` for tensors like ``q``; raise if it cannot serve ``needs``."""
+    if name == "auto":
+        name = "triton" if q.is_cuda else "cpu"
+    if name not in backends.BACKENDS:
+        raise ValueError(f"tileattn: backend must be one of auto, {', '.join(backends.BACKENDS)}; got {name!r}")
+    if name == "cpu" and q.device.type != "cpu":
+        raise NotImplementedError(f"tileattn: backend='cpu' needs CPU tensors, got q on {q.device}; use backend='auto'")
+    if name == "triton" and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NotImplementedError("tileattn: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the "
+                                  "interpreter); use backend='cpu' for CPU tensors")
+    try:
+        module = backends.get(name)
+    except ImportError as err:
+        raise NotImplementedError(f"tileattn: backend={name!r} is unavailable here ({err}); use backend='cpu'") from err
+    if not hasattr(module, needs):
+        raise NotImplementedError(f"tileattn: backend={name!r} does not implement {_NEEDS[needs]} yet; use backend='cpu'")
+    return name
+
+
+def _needs(*tensors) -> str:
+    """'backward' when autograd will need a backward through these inputs, else 'forward'."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return "backward" if grad else "forward"
+
+
+def _window(causal: bool, window) -> tuple:
+    """Fold ``causal`` into the (left, right) window: causal keeps j <= i + off."""
+    left, right = window
+    return (left, 0) if causal else (left, right)
+
+
+def _seed(dropout_p: float):
+    """Philox key as a CPU int64 tensor (traceable; no device sync), or None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+
+
+def _unit_stride(*tensors):
+    """Only a last-dim stride other than 1 costs a copy (see API.md)."""
+    return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, batch):
+    _checks.same_dtype_device(q, k=k, v=v)
+    _checks.heads_and_dims(q, k, v)
+    _checks.options(scale=scale, window=window, softcap=softcap, dropout_p=dropout_p)
+    _checks.per_head("alibi_slopes", alibi_slopes, q, batch, q.shape[-2], allow_batch=True)
+    _checks.per_head("sinks", sinks, q, batch, q.shape[-2], allow_batch=False)
+
+
+def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+              sinks=None, attn_mask=None, dropout_p=0.0, deterministic=False, return_lse=False,
+              backend="auto"):
+    """Exact attention ``softmax(q k^T * scale [+ features]) v`` computed tile by tile.
+
+    Args:
+        q: (B, Sq, Hq, D) fp16/bf16/fp32, any strides.
+        k: (B, Sk, Hkv, D), Hq % Hkv == 0 (GQA/MQA).
+        v: (B, Sk, Hkv, Dv); Dv may differ from D; head dims up to 256.
+        causal: keep j <= i + (Sk - Sq) (bottom-right aligned, see the module docstring).
+        scale: score scale, default 1/sqrt(D).
+        window: (left, right) keeps i+off-left <= j <= i+off+right; -1 = unbounded.
+        softcap: c > 0 applies s = c * tanh(s / c) after scaling.
+        alibi_slopes: (Hq,) or (B, Hq) float; adds -slope * |i + off - j|.
+        sinks: (Hq,) float logits adding exp(sink) to each softmax denominator.
+        attn_mask: bool (True = keep) or float (added) tensor broadcastable to (B, Hq, Sq, Sk).
+        dropout_p: probability of zeroing each attention weight (Philox stream, see _philox).
+        deterministic: bitwise-reproducible backward.
+        return_lse: also return lse (B, Hq, Sq) float32, natural log (includes the sink).
+        backend: "auto" (triton for CUDA, cpu for CPU), "triton", "cpu" or "reference".
+
+    Returns:
+        out (B, Sq, Hq, Dv) in q's dtype [, lse]. Rows with no kept key give out 0, lse -inf.
+
+    Example:
+        >>> q, k, v = (torch.randn(2, 100, 8, 64) for _ in range(3))
+        >>> tileattn.attention(q, k, v, causal=True).shape
+        torch.Size([2, 100, 8, 64])
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(name, t, 4)
+    if k.shape[0] != q.shape[0] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"tileattn: q, k, v must share batch and k, v the key length; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, q.shape[0])
+    _checks.attn_mask(attn_mask, q, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    name = _backend(backend, q, _needs(q, k, v, sinks, attn_mask))
+    q, k, v = _unit_stride(q, k, v)
+    return _run(q, k, v, None, None, q.shape[1], k.shape[1], causal, scale, window, softcap,
+                alibi_slopes, sinks, attn_mask, dropout_p, deterministic, return_lse, name)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
+                     causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                     sinks=None, dropout_p=0.0, deterministic=False, return_lse=False, backend="auto"):
+    """Attention over a batch of packed variable-length sequences (flash-attn's varlen layout).
+
+    Args:
+        q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv).
+        cu_seqlens_q, cu_seqlens_k: int32 (B+1,) on q's device, starting at 0; sequence b owns
+            rows cu[b]:cu[b+1]. Zero-length sequences are allowed.
+        max_seqlen_q, max_seqlen_k: upper bounds on the lengths; give them to avoid a host sync.
+        Other keywords as in :func:`attention` (masking is per sequence, with off = Sk_b - Sq_b).
+
+    Returns:
+        out (total_q, Hq, Dv) [, lse (Hq, total_q) float32].
+
+    Example:
+        >>> cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+        >>> q = k = v = torch.randn(10, 4, 64)
+        >>> tileattn.attention_varlen(q, k, v, cu, cu, 7, 7, causal=True).shape
+        torch.Size([10, 4, 64])
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(name, t, 3)
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"tileattn: k and v must hold the same tokens, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _checks.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q)
+    _checks.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(f"tileattn: cu_seqlens_k has {cu_seqlens_k.numel()} entries but cu_seqlens_q has "
+                         f"{cu_seqlens_q.numel()}; both must be B+1 long")
+    batch = cu_seqlens_q.numel() - 1
+    _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, batch)
+    name = _backend(backend, q, _needs(q, k, v, sinks))
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    q, k, v = _unit_stride(q, k, v)
+    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale,
+                window, softcap, alibi_slopes, sinks, None, dropout_p, deterministic, return_lse, name)
+
+
+def _run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, alibi_slopes, sinks,
+         attn_mask, dropout_p, deterministic, return_lse, name):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    left, right = _window(causal, window)
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.float()
+    if sinks is not None:
+        sinks = sinks.float()
+    mask_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
+    out, lse = ops.attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, float(softcap),
+                                 alibi_slopes, sinks, attn_mask, float(dropout_p), _seed(dropout_p),
+                                 bool(deterministic), mask_grad, name)
+    return (out, lse) if return_lse else out
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity whose backward raises: attention_with_kvcache is inference-only."""
+
+    @staticmethod
+    def forward(ctx, out):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("tileattn: attention_with_kvcache has no backward; use attention() or "
+                                  "attention_varlen() for training, or call it under torch.no_grad()")
+
+
+def _kvcache_checks(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+    """Validate shapes of a (paged) cache call; return the cache capacity per sequence."""
+    _checks.tensor("q", q, 4)
+    _checks.tensor("k_cache", k_cache, 4)
+    _checks.tensor("v_cache", v_cache, 4)
+    _checks.same_dtype_device(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+    _checks.heads_and_dims(q, k_cache, v_cache, "k_cache", "v_cache")
+    batch, sn = q.shape[:2]
+    if k_cache.shape[:2] != v_cache.shape[:2]:
+        raise ValueError(f"tileattn: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must share "
+                         f"their first two dims")
+    if (k is None) != (v is None):
+        raise ValueError("tileattn: pass both k and v (new tokens to append) or neither")
+    if k is not None:
+        _checks.tensor("k", k, 4)
+        _checks.tensor("v", v, 4)
+        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            want = (batch, sn, cache.shape[2], cache.shape[3])
+            if tuple(t.shape) != want:
+                raise ValueError(f"tileattn: {name} must have shape (B, Sn, Hkv, D) = {want}, got {tuple(t.shape)}")
+    _checks.index_tensor("cache_seqlens", cache_seqlens, q, 1)
+    if cache_seqlens.numel() != batch:
+        raise ValueError(f"tileattn: cache_seqlens must have B={batch} entries, got {cache_seqlens.numel()}")
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"tileattn: contiguous k_cache must have batch {batch} in dim 0, got {k_cache.shape[0]}")
+        capacity = k_cache.shape[1]
+    else:
+        _checks.index_tensor("block_table", block_table, q, 2)
+        if block_table.shape[0] != batch:
+            raise ValueError(f"tileattn: block_table must have B={batch} rows, got {block_table.shape[0]}")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    if _checks.debug_checks(cache_seqlens):
+        new = 0 if k is None else sn
+        longest = int(cache_seqlens.max()) + new if batch else 0
+        if batch and int(cache_seqlens.min()) < 0:
+            raise ValueError(f"tileattn: cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
+        if longest > capacity:
+            raise ValueError(f"tileattn: cache_seqlens + Sn reaches {longest} tokens, beyond the cache capacity "
+                             f"{capacity}")
+        if block_table is not None and batch:
+            used = (cache_seqlens.long() + new + k_cache.shape[1] - 1) // k_cache.shape[1]
+            cols = torch.arange(block_table.shape[1], device=block_table.device)
+            pages = block_table[cols[None, :] < used[:, None]]
+            if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
+                raise ValueError(f"tileattn: block_table holds page ids outside [0, {k_cache.shape[0]}) "
+                                 f"(got {int(pages.min())}..{int(pages.max())})")
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
+                           causal=True, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           sinks=None, num_splits=0, return_lse=False, backend="auto"):
+    """Decode / chunked prefill over a contiguous or paged KV cache (inference only).
+
+    Args:
+        q: (B, Sn, Hq, D), Sn >= 1 new query tokens per sequence (1 = decode).
+        k_cache, v_cache: contiguous (B, Smax, Hkv, D[v]), or paged (num_blocks, block_size,
+            Hkv, D[v]) with ``block_table`` int32 (B, max_blocks) of page ids (any block_size).
+        k, v: optional (B, Sn, Hkv, D[v]) new tokens, written in place at cache positions
+            cache_seqlens[b] .. cache_seqlens[b] + Sn - 1 before attending.
+        cache_seqlens: int32 (B,) tokens already in the cache (or a Python int). The caller
+            advances it; lengths are read on device (no host sync, CUDA-graph capturable).
+        causal: bottom-right aligned against cache_seqlens[b] + Sn keys (default True).
+        num_splits: split-KV count; 0 lets the backend choose.
+        Other keywords as in :func:`attention`.
+
+    Returns:
+        out (B, Sn, Hq, Dv) [, lse (B, Hq, Sn) float32].
+
+    Example:
+        >>> kc = vc = torch.zeros(2, 256, 2, 64)
+        >>> q = torch.randn(2, 1, 8, 64); k = v = torch.randn(2, 1, 2, 64)
+        >>> out = tileattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=10)
+    """
+    if isinstance(cache_seqlens, int) and isinstance(q, torch.Tensor):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    _kvcache_checks(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    _checks.options(scale=scale, window=window, softcap=softcap)
+    _checks.per_head("alibi_slopes", alibi_slopes, q, q.shape[0], q.shape[2], allow_batch=True)
+    _checks.per_head("sinks", sinks, q, q.shape[0], q.shape[2], allow_batch=False)
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"tileattn: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    name = _backend(backend, q, "forward_kvcache")
+    q, k, v = _unit_stride(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    left, right = _window(causal, window)
+    alibi_slopes = None if alibi_slopes is None else alibi_slopes.float()
+    sinks = None if sinks is None else sinks.detach().float()
+    args = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, left, right, float(softcap),
+            alibi_slopes, sinks, num_splits, name)
+    # eager calls skip the dispatcher's overhead on the decode hot path; compile sees the op
+    run = ops.attention_kvcache if torch.compiler.is_compiling() else ops.kvcache_impl
+    out, lse = run(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
+        out = _NoBackward.apply(out)
+    return (out, lse) if return_lse else out
+
+
+def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on tileattn's kernels.
+
+    Same layout (query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev); also (B, L, E)),
+    same top-left aligned ``is_causal`` (torch's rule: row i keeps j <= i), same mask semantics
+    (bool True = take part, float added), GQA only with ``enable_gqa=True``. Returns (B, H, L, Ev).
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
+            raise ValueError(f"tileattn: {name} must be a 3-D (B, L, E) or 4-D (B, H, L, E) tensor, "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("tileattn: pass either attn_mask or is_causal=True, not both (as torch's SDPA)")
+    if not enable_gqa and query.shape[-3:-2] != key.shape[-3:-2] and query.dim() == 4:
+        raise ValueError(f"tileattn: key has {key.shape[1]} heads but query has {query.shape[1]}; "
+                         f"set enable_gqa=True for grouped-query attention")
+    three_d = query.dim() == 3
+    q, k, v = (t.unsqueeze(1) if three_d else t for t in (query, key, value))
+    sq, sk = q.shape[2], k.shape[2]
+    window = (-1, -1)
+    if is_causal and sq > sk:  # top-left j <= i is the window right edge sq - sk from bottom-right
+        window = (-1, sq - sk)
+    elif is_causal and sq < sk:  # a negative right edge is not expressible: use an explicit mask
+        attn_mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None and three_d and attn_mask.dim() == 3:
+        attn_mask = attn_mask.unsqueeze(1)
+    out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal and sq == sk,
+                    scale=scale, window=window, attn_mask=attn_mask, dropout_p=dropout_p)
+    out = out.transpose(1, 2)
+    return out.squeeze(1) if three_d else out

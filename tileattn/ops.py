@@ -1,0 +1,157 @@
+"""torch.library custom ops (with fake implementations and autograd) over the backends.
+
+Layer: public API (api.py) -> these ops -> backend modules. The ops take normalized,
+validated arguments (see tileattn/backends/__init__.py); they broadcast ALiBi slopes and the
+attention mask to their full shapes as stride-0 views, call the backend, and wire autograd.
+Registering them as custom ops makes every entry point traceable by
+``torch.compile(fullgraph=True)``.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+_EMPTY = (0,)
+
+
+def _call_args(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, k, alibi_slopes, attn_mask, scale,
+               window_left, window_right, softcap, sinks, dropout_p, seed, cu_seqlens_k):
+    """Keyword arguments of the backend contract, with alibi/mask expanded to full shape."""
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    hq = q.shape[-2]
+    if alibi_slopes is not None and alibi_slopes.dim() == 1:
+        alibi_slopes = alibi_slopes.expand(batch, hq)
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(batch, hq, q.shape[1], k.shape[1])
+    return dict(scale=scale, window=(window_left, window_right), softcap=softcap,
+                alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask, dropout_p=dropout_p,
+                seed=int(seed) if seed is not None else 0, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q if varlen else None,
+                max_seqlen_k=max_seqlen_k if varlen else None)
+
+
+def _out_shapes(q, v, varlen):
+    """(out shape, lse shape) for dense (B,Sq,Hq,D) or varlen (Tq,Hq,D) queries."""
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    return out_shape, lse_shape
+
+
+@torch.library.custom_op("tileattn::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
+                  cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                  scale: float, window_left: int, window_right: int, softcap: float,
+                  alibi_slopes: Optional[Tensor], sinks: Optional[Tensor],
+                  attn_mask: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+                  deterministic: bool, mask_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """Forward of attention / attention_varlen -> (out, lse)."""
+    kw = _call_args(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, k, alibi_slopes, attn_mask, scale,
+                    window_left, window_right, softcap, sinks, dropout_p, seed, cu_seqlens_k)
+    out, lse = backends.get(backend).forward(q, k, v, **kw)
+    return out.contiguous(), lse.contiguous()
+
+
+@attention_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+      window_right, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed, deterministic,
+      mask_grad, backend):
+    out_shape, lse_shape = _out_shapes(q, v, cu_seqlens_q is not None)
+    return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("tileattn::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
+                  window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
+                  sinks: Optional[Tensor], attn_mask: Optional[Tensor], dropout_p: float,
+                  seed: Optional[Tensor], deterministic: bool, mask_grad: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward -> (dq, dk, dv, dsinks or empty, dmask (B,Hq,Sq,Sk) fp32 or empty)."""
+    kw = _call_args(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, k, alibi_slopes, attn_mask, scale,
+                    window_left, window_right, softcap, sinks, dropout_p, seed, cu_seqlens_k)
+    dq, dk, dv, dsinks, dmask = backends.get(backend).backward(
+        dout, q, k, v, out, lse, deterministic=deterministic, mask_grad=mask_grad, **kw)
+    empty = q.new_empty(_EMPTY, dtype=torch.float32)
+    return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
+            empty if dsinks is None else dsinks.float().contiguous(),
+            empty if dmask is None else dmask.float().contiguous())
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+      window_left, window_right, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed,
+      deterministic, mask_grad, backend):
+    dsinks = q.new_empty(sinks.shape if sinks is not None else _EMPTY, dtype=torch.float32)
+    if mask_grad:
+        dmask = q.new_empty((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dtype=torch.float32)
+    else:
+        dmask = q.new_empty(_EMPTY, dtype=torch.float32)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks, dmask)
+
+
+_FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+             "scale", "window_left", "window_right", "softcap", "alibi_slopes", "sinks",
+             "attn_mask", "dropout_p", "seed", "deterministic", "mask_grad", "backend")
+
+
+def _setup_context(ctx, inputs, output):
+    args = dict(zip(_FWD_ARGS, inputs))
+    ctx.mask_shape = None if args["attn_mask"] is None else args["attn_mask"].shape
+    ctx.args = {n: a for n, a in args.items() if not isinstance(a, Tensor)}
+    ctx.tensor_names = [n for n in _FWD_ARGS if isinstance(args[n], Tensor)]
+    ctx.save_for_backward(*(args[n] for n in ctx.tensor_names), *output)
+
+
+def _reduce_to(grad: Tensor, shape) -> Tensor:
+    """Sum a (B,Hq,Sq,Sk) gradient down to a broadcastable mask's own shape."""
+    grad = grad.sum(dim=tuple(range(grad.dim() - len(shape))))
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and grad.shape[i] != 1)
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+def _backward(ctx, dout, dlse):
+    saved = ctx.saved_tensors
+    args = dict(ctx.args, **dict(zip(ctx.tensor_names, saved[:-2])))
+    out, lse = saved[-2:]
+    dq, dk, dv, dsinks, dmask = attention_bwd(dout, args["q"], args["k"], args["v"], out, lse,
+                                              *(args[n] for n in _FWD_ARGS[3:]))
+    grads = dict(q=dq, k=dk, v=dv)
+    if args["sinks"] is not None:
+        grads["sinks"] = dsinks
+    if args["mask_grad"]:
+        grads["attn_mask"] = _reduce_to(dmask, ctx.mask_shape)
+    return tuple(grads.get(n) for n in _FWD_ARGS)
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kvcache_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Optional[Tensor],
+                 v_new: Optional[Tensor], cache_seqlens: Tensor, block_table: Optional[Tensor],
+                 scale: float, window_left: int, window_right: int, softcap: float,
+                 alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], num_splits: int,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    """Append k_new/v_new into the cache in place, then attend -> (out, lse)."""
+    if alibi_slopes is not None and alibi_slopes.dim() == 1:
+        alibi_slopes = alibi_slopes.expand(q.shape[0], q.shape[2])
+    out, lse = backends.get(backend).forward_kvcache(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, block_table=block_table,
+        scale=scale, window=(window_left, window_right), softcap=softcap,
+        alibi_slopes=alibi_slopes, sinks=sinks, num_splits=num_splits)
+    return out.contiguous(), lse.contiguous()
+
+
+attention_kvcache = torch.library.custom_op(
+    "tileattn::attention_kvcache", kvcache_impl, mutates_args=("k_cache", "v_cache"))
+
+
+@attention_kvcache.register_fake
+def _(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale, window_left,
+      window_right, softcap, alibi_slopes, sinks, num_splits, backend):
+    return (q.new_empty((*q.shape[:-1], v_cache.shape[-1])),
+            q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32))
