@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .combine import LN2, LOG2E, combine_splits
+from .combine import LN2, LOG2E, _rows_mask, combine_splits
 
 
 @triton.jit
@@ -48,27 +48,18 @@ def _tanh(x):
 
 
 @triton.jit
-def _rows_mask(row_ok, offs_d, DIM: tl.constexpr, BLOCK: tl.constexpr):
-    """(rows, BLOCK) load mask: row_ok per row, and d < DIM when the block pads the head dim."""
-    if BLOCK == DIM:
-        return row_ok[:, None]
-    else:
-        return row_ok[:, None] & (offs_d < DIM)[None, :]
-
-
-@triton.jit
-def _page_slot(BT_ROW, offs_n, start_n, kv_ok, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Page id and slot (int64) of keys offs_n (BLOCK_N,) of one sequence of a paged cache.
+def _page_ids(BT_ROW, start_n, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int64 page ids of the tile of keys start_n .. start_n + BLOCK_N (keys >= end masked).
 
     BT_ROW points at the sequence's block-table row; key j sits in page BT_ROW[j // PAGE_SIZE]
     at slot j % PAGE_SIZE. When pages hold whole tiles (PAGE_SIZE % BLOCK_N == 0; tiles start
-    at multiples of BLOCK_N) one page id serves the whole tile.
+    at multiples of BLOCK_N) one scalar page id serves the tile, else one id per key.
     """
     if PAGE_SIZE % BLOCK_N == 0:
-        page = tl.load(BT_ROW + start_n // PAGE_SIZE).to(tl.int64)
+        return tl.load(BT_ROW + start_n // PAGE_SIZE, mask=start_n < end, other=0).to(tl.int64)
     else:
-        page = tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
-    return page, (offs_n % PAGE_SIZE).to(tl.int64)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        return tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=offs_n < end, other=0).to(tl.int64)
 
 
 @triton.jit
@@ -132,7 +123,10 @@ def _decode_kernel(
     if PAGE_SIZE == 0:
         k_base += b * stride_kb
         v_base += b * stride_vb
-    bt_base = BLOCK_TABLE + b * stride_btb
+    else:  # [Note] page-id prefetch: ids are read one tile ahead (loop-carried), so the K/V
+        # gathers do not depend on a load of the same iteration and pipeline like plain loads
+        bt_base = BLOCK_TABLE + b * stride_btb
+        page = _page_ids(bt_base, start, end, PAGE_SIZE, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -144,9 +138,10 @@ def _decode_kernel(
             k_rows = offs_n.to(tl.int64) * stride_ks
             v_rows = offs_n.to(tl.int64) * stride_vs
         else:
-            page, slot = _page_slot(bt_base, offs_n, start_n, kv_ok, PAGE_SIZE, BLOCK_N)
+            slot = (offs_n % PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_kb + slot * stride_ks
             v_rows = page * stride_vb + slot * stride_vs
+            page = _page_ids(bt_base, start_n + BLOCK_N, end, PAGE_SIZE, BLOCK_N)
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :],
                     mask=_rows_mask(kv_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],

@@ -1,0 +1,209 @@
+"""CPU backend (tileattn.backends.cpu) called through the backend contract, against the oracle.
+
+Every case runs forward and backward and compares out, lse, dq, dk, dv (and dsinks, dmask)
+with ``tileattn.reference`` by RELIABILITY.md's rule (``helpers.assert_close``: fp32 within
+1e-5 of float64; fp16/bf16 within c x the plain low-precision error, c = 2 forward, 3 grads).
+The ``small_tiles`` fixture shrinks the tile sizes so these short sequences still cross many
+query/key blocks, partial blocks at the band's edge, skipped blocks and several slabs.
+"""
+
+import pytest
+import torch
+
+from helpers import assert_close, cu_seqlens, make_qkv
+from tileattn import _philox, reference
+from tileattn.backends import cpu
+from tileattn.backends.cpu import _tiles
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(_tiles, "BLOCK_ROWS", 16)
+    monkeypatch.setattr(_tiles, "BLOCK_N", 32)
+    monkeypatch.setattr(_tiles, "TILE_ELEMS", 2 * 16 * 32)  # two (batch, kv head) pairs per slab
+
+
+def _contract(D, causal=False, window=(-1, -1), softcap=0.0, alibi=None, sinks=None, mask=None, p=0.0, seed=0):
+    """Backend keywords (causal folded into window)."""
+    return dict(scale=D ** -0.5, window=(window[0], 0 if causal else window[1]), softcap=softcap,
+                alibi_slopes=alibi, sinks=sinks, attn_mask=mask, dropout_p=p, seed=seed)
+
+
+def _reference(q, k, v, dout, kw, upcast, varlen=None):
+    """Oracle (out, lse, dq, dk, dv, dsinks, dmask); float64 when ``upcast``, else q's dtype."""
+    wide = torch.float64 if upcast else None
+    leaves = [x.detach().to(wide or x.dtype).requires_grad_() for x in (q, k, v)]
+    sinks = kw["sinks"]
+    sinks = None if sinks is None else sinks.detach().to(wide or torch.float32).requires_grad_()
+    mask = kw["attn_mask"]
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.detach().to(wide or mask.dtype).clone().requires_grad_()
+    common = dict(scale=kw["scale"], window=kw["window"], softcap=kw["softcap"], alibi_slopes=kw["alibi_slopes"],
+                  sinks=sinks, dropout_p=kw["dropout_p"], upcast=upcast)
+    with torch.enable_grad():
+        if varlen is None:
+            keep = None
+            if kw["dropout_p"] > 0:
+                keep = _philox.keep_mask(kw["seed"], kw["dropout_p"], q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+            out, lse = reference.attention(*leaves, attn_mask=mask, dropout_mask=keep, **common)
+        else:
+            out, lse = reference.attention_varlen(*leaves, *varlen, dropout_seed=kw["seed"], **common)
+        wrt = leaves + [t for t in (sinks, mask) if t is not None and t.requires_grad]
+        grads = list(torch.autograd.grad(out, wrt, dout.to(out.dtype)))
+    dsinks = grads.pop(3) if sinks is not None else None
+    dmask = grads.pop(3) if len(grads) > 3 else None
+    return (out, lse, *grads, dsinks, dmask)
+
+
+def _check(q, k, v, kw, varlen=None, mask_grad=False):
+    """Run the CPU backend forward + backward and compare everything with the oracle."""
+    vkw = {} if varlen is None else dict(cu_seqlens_q=varlen[0], cu_seqlens_k=varlen[1],
+                                         max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0])
+    out, lse = cpu.forward(q, k, v, **kw, **vkw)
+    dout = torch.randn_like(out)
+    grads = cpu.backward(dout, q, k, v, out, lse, **kw, **vkw, deterministic=True, mask_grad=mask_grad)
+    hi = _reference(q, k, v, dout, kw, True, varlen)
+    lo = _reference(q, k, v, dout, kw, False, varlen) if q.dtype != F32 else hi
+    names = ("out", "lse", "dq", "dk", "dv", "dsinks", "dmask")
+    for name, got, h, lo_ in zip(names, (out, lse, *grads), hi, lo):
+        if h is None:
+            assert got is None, name
+            continue
+        if name == "dq" and k.shape[-3] == 1:  # one key: dq = P (dP - delta) = 0 exactly, fp32 gives
+            bound = 1e-5 * dout.abs().max() * v.abs().max() * k.abs().max()  # rounding noise only
+            assert got.abs().max() <= bound, name
+            continue
+        assert_close(name, got, h, lo_, c=2.0 if name in ("out", "lse") else 3.0,
+                     dtype=q.dtype if name in ("lse", "dsinks", "dmask") else None)
+    assert out.dtype == q.dtype and lse.dtype == F32 and out.is_contiguous()
+    assert [g.dtype for g in grads[:3]] == [q.dtype, k.dtype, v.dtype]
+    return out, lse, grads
+
+
+SHAPES = [  # B, Sq, Sk, Hq, Hkv, D, Dv, causal, window
+    (1, 1, 1, 1, 1, 32, 32, False, (-1, -1)),
+    (2, 17, 97, 4, 2, 64, 64, False, (-1, -1)),
+    (1, 97, 17, 4, 4, 32, 32, True, (-1, -1)),     # Sq > Sk causal: leading rows empty
+    (1, 17, 129, 6, 3, 80, 80, True, (-1, -1)),    # Sq < Sk causal (bottom-right)
+    (1, 129, 129, 8, 2, 32, 32, False, (20, 7)),   # sliding window, GQA 4
+    (2, 97, 129, 8, 1, 128, 128, True, (33, -1)),  # MQA, causal + left window
+    (1, 33, 65, 2, 1, 192, 128, False, (-1, -1)),  # Dv != D
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + f"-c{int(s[7])}-w{s[8]}")
+def test_shapes_fp32(shape, small_tiles):
+    B, Sq, Sk, Hq, Hkv, D, Dv, causal, window = shape
+    _check(*make_qkv(B, Sq, Sk, Hq, Hkv, D, Dv), _contract(D, causal, window))
+
+
+def test_default_tiles_fp32():
+    """The production tile sizes: one slab, partial q block, causal band skipping."""
+    _check(*make_qkv(1, 300, 700, 4, 2, 64), _contract(64, causal=True))
+
+
+def _features(B, Sq, Sk, Hq, name):
+    """Backend keywords for one named feature of API.md's score pipeline."""
+    if name == "softcap":
+        return dict(softcap=2.0)
+    if name == "alibi":
+        return dict(alibi=torch.rand(B, Hq), causal=True)
+    if name == "alibi_heads":  # (Hq,) slopes arrive as a stride-0 (B, Hq) expand
+        return dict(alibi=torch.rand(Hq).expand(B, Hq))
+    if name == "sinks":
+        return dict(sinks=torch.randn(Hq) * 2, causal=True)
+    if name == "bool_mask":
+        return dict(mask=(torch.rand(B, 1, Sq, Sk) > 0.3).expand(B, Hq, Sq, Sk))
+    if name == "float_mask":
+        return dict(mask=torch.randn(1, Hq, 1, Sk).expand(B, Hq, Sq, Sk), window=(40, 40))
+    if name == "dropout":
+        return dict(p=0.25, seed=1234, causal=True)
+    if name == "all":
+        return dict(softcap=3.0, alibi=torch.rand(B, Hq), sinks=torch.randn(Hq),
+                    mask=torch.randn(B, Hq, Sq, Sk), p=0.1, seed=7, window=(50, 3))
+    raise ValueError(name)
+
+
+FEATURES = ["softcap", "alibi", "alibi_heads", "sinks", "bool_mask", "float_mask", "dropout", "all"]
+
+
+@pytest.mark.parametrize("name", FEATURES)
+def test_features_fp32(name, small_tiles):
+    B, Sq, Sk, Hq, Hkv, D = 2, 97, 113, 4, 2, 64
+    kw = _contract(D, **_features(B, Sq, Sk, Hq, name))
+    mask_grad = kw["attn_mask"] is not None and kw["attn_mask"].dtype != torch.bool
+    _check(*make_qkv(B, Sq, Sk, Hq, Hkv, D), kw, mask_grad=mask_grad)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+@pytest.mark.parametrize("name", ["plain", "softcap", "alibi", "sinks", "float_mask", "dropout"])
+def test_features_low_precision(dtype, name, small_tiles):
+    B, Sq, Sk, Hq, Hkv, D = 1, 65, 97, 4, 1, 64
+    feat = {} if name == "plain" else _features(B, Sq, Sk, Hq, name)
+    if name == "float_mask":
+        feat["mask"] = feat["mask"].to(dtype)
+    kw = _contract(D, **feat)
+    _check(*make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype=dtype), kw, mask_grad=name == "float_mask")
+
+
+def test_fully_masked_rows(small_tiles):
+    """All-False mask rows, a window excluding every key, Sq > Sk causal: out 0, lse -inf, grads 0."""
+    B, Sq, Sk, Hq, Hkv, D = 2, 70, 40, 2, 1, 32
+    mask = torch.rand(B, Hq, Sq, Sk) > 0.5
+    mask[:, :, 45:50] = False
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D)
+    out, lse, (dq, dk, dv, _, _) = _check(q, k, v, _contract(D, causal=True, mask=mask))
+    empty = list(range(30)) + list(range(45, 50))  # rows i < Sq - Sk and the all-False rows
+    assert (out[:, empty] == 0).all() and (lse[:, :, empty] == float("-inf")).all()
+    assert (dq[:, empty] == 0).all() and dq.isfinite().all() and dk.isfinite().all() and dv.isfinite().all()
+    out, lse, _ = _check(q, k, v, _contract(D, window=(-1, -1), sinks=torch.randn(Hq), mask=mask))
+    assert (out[:, 45:50] == 0).all()  # with sinks an empty row's lse is the sink logit
+    out, lse, _ = _check(q, k, v, _contract(D, window=(0, 0)))  # rows i + off outside [0, Sk)
+    assert (lse[:, :, :30] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_varlen(dtype, small_tiles):
+    lens_q, lens_k = [17, 0, 40, 1, 65, 3], [33, 5, 40, 0, 20, 0]
+    Hq, Hkv, D = 4, 2, 32
+    cq, ck = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    q, k, v = (torch.randn(sum(n), h, D, dtype=dtype) for n, h in ((lens_q, Hq), (lens_k, Hkv), (lens_k, Hkv)))
+    kw = _contract(D, causal=True, window=(25, -1), alibi=torch.rand(len(lens_q), Hq), sinks=torch.randn(Hq))
+    out, lse, _ = _check(q, k, v, kw, varlen=(cq, ck))
+    assert lse.shape == (Hq, sum(lens_q))
+    _check(q, k, v, _contract(D, softcap=2.0, p=0.2, seed=99), varlen=(cq, ck))
+
+
+def test_varlen_single_and_many(small_tiles):
+    for lens in ([200], [int(n) for n in torch.randint(0, 9, (70,))]):
+        cq = cu_seqlens(lens)
+        q, k, v = (torch.randn(sum(lens), 2, 16) for _ in range(3))
+        _check(q, k, v, _contract(16, causal=True), varlen=(cq, cq))
+
+
+def test_slabs_split_heads(monkeypatch):
+    """A slab budget below one batch row's heads splits the kv heads across slabs."""
+    monkeypatch.setattr(_tiles, "TILE_ELEMS", 2 * 64 * 32)
+    monkeypatch.setattr(_tiles, "BLOCK_ROWS", 64)
+    monkeypatch.setattr(_tiles, "BLOCK_N", 32)
+    _check(*make_qkv(2, 50, 70, 10, 5, 32), _contract(32, alibi=torch.rand(2, 10), sinks=torch.randn(10),
+                                                          mask=torch.randn(2, 10, 50, 70)), mask_grad=True)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "padded"])
+def test_strides_bitwise(layout, small_tiles):
+    """Non-contiguous q/k/v/dout give bitwise the contiguous result; backward is reproducible."""
+    B, S, Hq, Hkv, D = 2, 77, 4, 2, 48
+    q, k, v = make_qkv(B, S, S, Hq, Hkv, D, layout=layout)
+    kw = _contract(D, causal=True, softcap=4.0, alibi=torch.rand(B, Hq), sinks=torch.randn(Hq), p=0.1, seed=3)
+    dout = torch.randn(B, S, Hq, D + 8)[..., :D]
+    runs = []
+    for args in ((q, k, v, dout), tuple(x.contiguous() for x in (q, k, v, dout))) * 2:
+        out, lse = cpu.forward(*args[:3], **kw)
+        runs.append((out, lse, *cpu.backward(args[3], *args[:3], out, lse, **kw, deterministic=True,
+                                             mask_grad=False)[:4]))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)

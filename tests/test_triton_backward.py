@@ -1,0 +1,242 @@
+"""The Triton backward (``tileattn.backends.triton.backward``) against the oracle's autograd.
+
+Calls the backend contract directly: out/lse from the Triton forward, gradients compared with
+the reference's float64 (ref_hi) and same-dtype (ref_lo) autograd gradients by
+RELIABILITY.md's rule with c = 3. On CPU the kernels run in the Triton interpreter
+(fp32/fp16, small shapes); on CUDA every case also runs in bf16, plus larger GPU-only shapes.
+"""
+
+import math
+
+import pytest
+import torch
+
+from tileattn import reference
+from tileattn.backends.triton.backward import backward
+from helpers import assert_close, cu_seqlens, leaf, make_qkv
+
+try:
+    from tileattn.backends.triton.forward import forward
+except ImportError:  # developed before the Triton forward existed
+    forward = reference.forward
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+NAMES = ("dq", "dk", "dv", "dsinks", "dmask")
+
+# (name, (B, Sq, Sk, Hq, Hkv, D, Dv), spec). Odd lengths; CPU-sized (the interpreter is slow).
+CASES = [
+    ("plain", (2, 17, 33, 4, 4, 32, 32), {}),
+    ("causal_sq<sk_gqa2", (1, 19, 97, 4, 2, 64, 64), dict(window=(-1, 0))),
+    ("causal_sq>sk_mqa", (2, 40, 13, 3, 1, 32, 32), dict(window=(-1, 0))),  # empty rows 0..26
+    ("window_d40", (1, 65, 65, 2, 2, 40, 40), dict(window=(9, 3))),
+    ("window_left_only", (1, 70, 50, 2, 1, 32, 32), dict(window=(5, -1))),
+    ("window_right_only", (1, 45, 70, 2, 2, 32, 32), dict(window=(-1, 7))),
+    ("gqa4_dv32", (1, 33, 47, 8, 2, 64, 32), dict(window=(-1, 0))),
+    ("d80_sinks_causal", (1, 30, 30, 2, 2, 80, 80), dict(window=(-1, 0), sinks=True)),
+    ("softcap_alibi", (2, 21, 30, 4, 2, 32, 32), dict(softcap=2.0, alibi=True)),
+    ("bool_mask_bcast", (2, 17, 29, 4, 2, 32, 32), dict(mask="bool")),
+    ("float_mask_grad_causal", (1, 23, 31, 2, 1, 32, 32), dict(mask="float", mask_grad=True, window=(-1, 0))),
+    ("dropout_causal", (2, 21, 34, 4, 2, 32, 32), dict(p=0.3, window=(-1, 0))),
+    ("everything", (1, 37, 45, 4, 2, 32, 16), dict(p=0.2, window=(20, 2), softcap=3.0, alibi=True, sinks=True,
+                                                   mask="float", mask_grad=True)),
+    ("empty_window_sinks", (1, 40, 13, 2, 2, 32, 32), dict(window=(2, 0), sinks=True)),
+    ("one_by_one_sinks", (1, 1, 1, 2, 1, 32, 32), dict(sinks=True)),
+]
+GPU_CASES = [
+    ("d128_causal_long", (2, 1023, 1025, 4, 2, 128, 128), dict(window=(-1, 0))),
+    ("d192_dv128", (1, 255, 257, 4, 4, 192, 128), dict(window=(-1, 0))),
+    ("d256_window", (1, 300, 300, 2, 1, 256, 256), dict(window=(100, 0), softcap=5.0)),
+    ("d96_alibi_sinks", (2, 129, 127, 6, 3, 96, 96), dict(alibi=True, sinks=True, p=0.1)),
+    ("d64_mask", (2, 200, 333, 4, 2, 64, 64), dict(mask="float", mask_grad=True, window=(50, 50))),
+]
+
+
+def _features(spec, B, Sq, Sk, Hq, D, dtype, device):
+    """Contract keywords for ``spec`` (normalized as the API passes them: stride-0 expands)."""
+    kw = dict(scale=1.0 / math.sqrt(D), window=spec.get("window", (-1, -1)), softcap=spec.get("softcap", 0.0),
+              alibi_slopes=None, sinks=None, attn_mask=None, dropout_p=spec.get("p", 0.0), seed=1234567891011)
+    if spec.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(Hq, device=device).expand(B, Hq)
+    if spec.get("sinks"):
+        kw["sinks"] = torch.randn(Hq, device=device)
+    if spec.get("mask") == "bool":
+        mask = torch.rand(B, 1, Sq, Sk, device=device) > 0.3
+        mask[..., 3 % Sq, :] = False  # a fully masked row
+        kw["attn_mask"] = mask.expand(B, Hq, Sq, Sk)
+    elif spec.get("mask") == "float":
+        kw["attn_mask"] = torch.randn(Hq, Sq, Sk, device=device, dtype=dtype).expand(B, Hq, Sq, Sk)
+    return kw
+
+
+def _ref_kw(kw):
+    """Contract keywords -> reference.attention keywords on CPU."""
+    cpu = {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    return dict(scale=cpu["scale"], window=cpu["window"], softcap=cpu["softcap"], alibi_slopes=cpu["alibi_slopes"],
+                sinks=cpu["sinks"], attn_mask=cpu["attn_mask"], dropout_p=cpu["dropout_p"],
+                dropout_seed=cpu["seed"])
+
+
+def _reference_grads(dout, q, k, v, kw, mask_grad, upcast, varlen=None):
+    """Oracle autograd gradients (dq, dk, dv, dsinks|None, dmask|None): float64 or q's dtype."""
+    dtype = torch.float64 if upcast else q.dtype
+    leaves = [leaf(t.cpu(), dtype) for t in (q, k, v)]
+    rkw = _ref_kw(kw)
+    extra = {}
+    if rkw["sinks"] is not None:
+        extra["sinks"] = rkw["sinks"] = leaf(rkw["sinks"], torch.float64 if upcast else None)
+    if mask_grad:
+        extra["attn_mask"] = rkw["attn_mask"] = leaf(rkw["attn_mask"].contiguous(), dtype)
+    if varlen is None:
+        o, _ = reference.attention(*leaves, upcast=upcast, **rkw)
+    else:
+        rkw.pop("attn_mask")
+        o, _ = reference.attention_varlen(*leaves, *(c.cpu() for c in varlen), upcast=upcast, **rkw)
+    grads = torch.autograd.grad(o, leaves + list(extra.values()), dout.cpu().to(o.dtype))
+    it = iter(grads[3:])
+    return (*grads[:3], next(it) if "sinks" in extra else None, next(it) if mask_grad else None)
+
+
+def _check(got, dout, q, k, v, kw, mask_grad, varlen=None):
+    hi = _reference_grads(dout, q, k, v, kw, mask_grad, True, varlen)
+    lo = _reference_grads(dout, q, k, v, kw, mask_grad, False, varlen)
+    for name, g, h, l in zip(NAMES, got, hi, lo):
+        assert (g is None) == (h is None), name
+        if g is not None:
+            assert_close(name, g, h, l, c=3.0, dtype=q.dtype)
+    dq, dk, dv = got[:3]
+    assert dq.dtype == q.dtype and dk.dtype == k.dtype and dv.dtype == v.dtype
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def _run_case(shape, spec, dtype, device, layout="bshd"):
+    B, Sq, Sk, Hq, Hkv, D, Dv = shape
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, Dv, dtype=dtype, device=device, layout=layout)
+    kw = _features(spec, B, Sq, Sk, Hq, D, dtype, device)
+    out, lse = forward(q, k, v, **kw)
+    dout = torch.randn_like(out)
+    mask_grad = spec.get("mask_grad", False)
+    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=mask_grad, **kw)
+    _check(got, dout, q, k, v, kw, mask_grad)
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("name,shape,spec", CASES, ids=[c[0] for c in CASES])
+def test_backward(name, shape, spec, dtype):
+    if dtype == torch.float16 and not HAS_CUDA and name not in ("causal_sq<sk_gqa2", "softcap_alibi", "everything",
+                                                               "float_mask_grad_causal", "window_d40"):
+        pytest.skip("interpreter time budget: fp16 runs a representative subset on CPU")
+    _run_case(shape, spec, dtype, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("name,shape,spec", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_backward_gpu_shapes(name, shape, spec, dtype):
+    _run_case(shape, spec, dtype, "cuda")
+
+
+def test_empty_rows_zero_grads():
+    """Rows that keep no key (Sq > Sk causal) get exactly zero dq; no NaN anywhere."""
+    got = _run_case((1, 40, 13, 2, 1, 32, 32), dict(window=(-1, 0)), torch.float32, DEVICE)
+    assert torch.equal(got[0][:, :27], torch.zeros_like(got[0][:, :27]))
+    assert all(g.isfinite().all() for g in got[:3])
+
+
+def test_large_logits():
+    """q*5, k*3 in fp16: finite and within tolerance."""
+    B, Sq, Sk, Hq, Hkv, D = 1, 33, 40, 2, 2, 64
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype=torch.float16, device=DEVICE)
+    q, k = (q * 5).half(), (k * 3).half()
+    kw = _features(dict(window=(-1, 0)), B, Sq, Sk, Hq, D, torch.float16, DEVICE)
+    out, lse = forward(q, k, v, **kw)
+    dout = torch.randn_like(out)
+    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
+    _check(got, dout, q, k, v, kw, False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(causal):
+    """Zero-length q and k sequences, per-sequence bottom-right causal, GQA, ALiBi, sinks, dropout."""
+    lens_q, lens_k = [5, 0, 17, 1, 40, 3], [9, 3, 17, 0, 33, 0]
+    cq, ck = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
+    B, Hq, Hkv, D = len(lens_q), 4, 2, 32
+    q = torch.randn(sum(lens_q), Hq, D, device=DEVICE)
+    k, v = (torch.randn(sum(lens_k), Hkv, D, device=DEVICE) for _ in range(2))
+    spec = dict(window=(-1, 0) if causal else (-1, -1), alibi=True, sinks=True, p=0.25)
+    kw = _features(spec, B, 1, 1, Hq, D, q.dtype, DEVICE)
+    kw.update(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+    out, lse = forward(q, k, v, **kw)
+    dout = torch.randn_like(out)
+    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
+    for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"):
+        kw.pop(n)
+    _check(got, dout, q, k, v, kw, False, varlen=(cq, ck))
+
+
+def test_varlen_all_empty_keys():
+    """Every key sequence empty: all gradients exactly zero, dsinks zero."""
+    lens_q, lens_k = [3, 7], [0, 0]
+    cq, ck = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
+    q = torch.randn(10, 2, 32, device=DEVICE)
+    k = v = torch.randn(0, 2, 32, device=DEVICE)
+    kw = _features(dict(sinks=True), 2, 1, 1, 2, 32, q.dtype, DEVICE)
+    kw.update(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=7, max_seqlen_k=0)
+    out, lse = forward(q, k, v, **kw)
+    dq, dk, dv, dsinks, _ = backward(torch.randn_like(out), q, k, v, out, lse, deterministic=False,
+                                     mask_grad=False, **kw)
+    assert torch.equal(dq, torch.zeros_like(dq)) and dk.numel() == 0 and dv.numel() == 0
+    assert torch.equal(dsinks, torch.zeros_like(dsinks))
+
+
+def test_noncontiguous_bitwise():
+    """(B,H,S,D) views of q/k/v and non-contiguous dout (transposed; last-dim stride 0) give
+    bitwise the gradients of contiguous inputs."""
+    torch.manual_seed(1)
+    a = make_qkv(2, 37, 45, 4, 2, 32, dtype=torch.float16, device=DEVICE, layout="bhsd")
+    b = [t.contiguous() for t in a]
+    kw = _features(dict(window=(-1, 0), alibi=True), 2, 37, 45, 4, 32, torch.float16, DEVICE)
+    out, lse = forward(*b, **kw)
+    dout_t = torch.randn(2, 4, 37, 32, dtype=torch.float16, device=DEVICE).transpose(1, 2)
+    dout_e = torch.randn(2, 37, 4, 1, dtype=torch.float16, device=DEVICE).expand(2, 37, 4, 32)
+    for dout in (dout_t, dout_e):
+        ref = backward(dout.contiguous(), *b, out, lse, deterministic=False, mask_grad=False, **kw)
+        got = backward(dout, *a, out, lse, deterministic=False, mask_grad=False, **kw)
+        for g, r in zip(got[:3], ref[:3]):
+            assert torch.equal(g, r)
+
+
+def test_writes_every_element(monkeypatch):
+    """Outputs allocated NaN-poisoned: every dq/dk/dv element is written (windows skip tiles)."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    B, Sq, Sk, Hq, Hkv, D = 1, 70, 50, 2, 1, 32
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, device=DEVICE)
+    kw = _features(dict(window=(3, 0)), B, Sq, Sk, Hq, D, q.dtype, DEVICE)
+    out, lse = reference.forward(q, k, v, **kw)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    got = backward(torch.randn_like(out), q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
+    assert all(g.isfinite().all() for g in got[:3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_deterministic_20_runs(dtype):
+    """deterministic=True: 20 runs give bitwise equal dq, dk, dv, dsinks, dmask."""
+    B, Sq, Sk, Hq, Hkv, D = 2, 777, 1025, 8, 2, 128
+    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype=dtype, device="cuda")
+    kw = _features(dict(window=(-1, 0), sinks=True, p=0.1, mask="float", mask_grad=True), B, Sq, Sk, Hq, D,
+                   dtype, "cuda")
+    out, lse = forward(q, k, v, **kw)
+    dout = torch.randn_like(out)
+    first = backward(dout, q, k, v, out, lse, deterministic=True, mask_grad=True, **kw)
+    for _ in range(19):
+        again = backward(dout, q, k, v, out, lse, deterministic=True, mask_grad=True, **kw)
+        for a, b in zip(again, first):
+            assert torch.equal(a, b)

@@ -1,0 +1,258 @@
+"""Triton forward (``tileattn.backends.triton.forward``) against the float64 oracle.
+
+Without CUDA the kernels run in the Triton interpreter on CPU tensors (fp32/fp16 only: bf16
+``tl.dot`` is broken there); on a CUDA machine the same tests run compiled, plus bf16 and the
+``slow`` large-tensor case. Every test here is marked ``gpu`` on a CUDA machine so that
+``make test-gpu`` (``-m gpu``) runs the whole file there.
+"""
+
+import pytest
+import torch
+from helpers import assert_close, cu_seqlens, make_qkv, randn
+
+from tileattn import _philox, plan, reference
+from tileattn.backends.triton.forward import forward, run_forward
+
+CUDA = torch.cuda.is_available()
+# triton 3.6's interpreter turns 1-element loop bounds into ints the way numpy 1.25+ deprecates
+pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+pytestmark += [pytest.mark.gpu] if CUDA else []
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TINY = [plan.FwdConfig(16, 16, 4, 1)]  # many tiles on short sequences: every block-range edge
+SM90 = CUDA and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _kw(scale, window=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None, attn_mask=None, dropout_p=0.0, seed=0):
+    return dict(scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                attn_mask=attn_mask, dropout_p=dropout_p, seed=seed)
+
+
+def _poisoned(fn):
+    """Run ``fn`` with torch.empty returning NaN-filled floats, so unwritten outputs fail."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = nan_empty
+    try:
+        return fn()
+    finally:
+        torch.empty = empty
+
+
+def _check(q, k, v, configs=None, use_tma=None, **kw):
+    """Triton forward (dense) == reference; returns (out, lse)."""
+    kw = _kw(q.shape[-1] ** -0.5, **kw)
+    if configs is None and use_tma is None:
+        out, lse = _poisoned(lambda: forward(q, k, v, **kw))
+    else:
+        fplan = plan.forward_plan(q, k, v, window=kw["window"], softcap=kw["softcap"],
+                                  alibi_slopes=kw["alibi_slopes"], sinks=kw["sinks"], attn_mask=kw["attn_mask"],
+                                  dropout_p=kw["dropout_p"], configs=configs, use_tma=use_tma)
+        out, lse = _poisoned(lambda: run_forward(q, k, v, fplan, **kw))
+    ref = dict(scale=kw["scale"], window=kw["window"], softcap=kw["softcap"], alibi_slopes=kw["alibi_slopes"],
+               sinks=kw["sinks"], attn_mask=kw["attn_mask"], dropout_p=kw["dropout_p"])
+    if kw["dropout_p"] > 0:
+        B, Sq, Hq, _ = q.shape
+        ref["dropout_mask"] = _philox.keep_mask(kw["seed"], kw["dropout_p"], B, Hq, Sq, k.shape[1]).to(q.device)
+    hi = reference.attention(q, k, v, upcast=True, **ref)
+    lo = reference.attention(q, k, v, upcast=False, **ref)
+    assert out.shape == (*q.shape[:3], v.shape[-1]) and out.dtype == q.dtype and out.is_contiguous()
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    assert_close("out", out, hi[0], lo[0])
+    assert_close("lse", lse, hi[1], lo[1], dtype=q.dtype)
+    return out, lse
+
+
+@pytest.mark.parametrize("Sq,Sk,causal", [(1, 1, False), (1, 17, True), (17, 1, True), (97, 129, True),
+                                          (129, 97, True), (129, 129, False), (17, 97, False)])
+def test_lengths(device, Sq, Sk, causal):
+    q, k, v = make_qkv(2, Sq, Sk, 2, 2, 64, device=device)
+    _check(q, k, v, window=(-1, 0) if causal else (-1, -1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,Dv", [(32, 32), (80, 80), (128, 128), (192, 128)])
+def test_head_dims(device, dtype, D, Dv):
+    if D == 192 and dtype == torch.float32 and not CUDA:
+        pytest.skip("one D=192 case is enough in the interpreter")
+    q, k, v = make_qkv(1, 33, 65, 2, 1, D, Dv, dtype=dtype, device=device)
+    _check(q, k, v, window=(-1, 0))
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(6, 3), (8, 2), (3, 1)])
+def test_gqa_mqa(device, Hq, Hkv):
+    q, k, v = make_qkv(2, 40, 50, Hq, Hkv, 32, device=device)
+    _check(q, k, v, window=(-1, 0))
+
+
+@pytest.mark.parametrize("Sq,Sk", [(97, 129), (129, 70)])
+@pytest.mark.parametrize("window", [(5, 3), (0, 0), (16, -1), (-1, 7)])
+def test_windows(device, Sq, Sk, window):
+    q, k, v = make_qkv(1, Sq, Sk, 2, 2, 32, device=device)
+    _check(q, k, v, window=window, configs=TINY if window == (5, 3) else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap_large_logits(device, dtype):
+    q, k, v = make_qkv(1, 70, 90, 2, 2, 64, dtype=dtype, device=device)
+    _check(q * 5, k * 3, v, softcap=2.5, window=(-1, 0))
+
+
+def test_alibi(device):
+    q, k, v = make_qkv(2, 50, 70, 4, 2, 32, device=device)
+    _check(q, k, v, alibi_slopes=torch.rand(2, 4, device=device), window=(20, 0))
+    _check(q, k, v, alibi_slopes=torch.rand(4, device=device).expand(2, 4))  # (Hq,) arrives stride-0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinks(device, causal):
+    q, k, v = make_qkv(2, 60, 30, 4, 4, 32, device=device)  # causal Sq > Sk: empty rows, lse = sink
+    out, lse = _check(q, k, v, sinks=randn((4,), torch.float32, device), window=(-1, 0) if causal else (-1, -1))
+    if causal:
+        assert (out[:, :30] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 50, 70), (1, 1, 1, 70), (1, 3, 50, 1)])
+def test_bool_mask_broadcast(device, shape):
+    q, k, v = make_qkv(2, 50, 70, 3, 3, 32, device=device)
+    mask = (torch.rand(shape, device=device) > 0.3).expand(2, 3, 50, 70)
+    _check(q, k, v, attn_mask=mask, window=(-1, 0))
+
+
+def test_float_mask_with_inf(device):
+    q, k, v = make_qkv(2, 40, 50, 2, 2, 32, device=device)
+    mask = randn((1, 2, 40, 50), torch.float32, device)
+    mask[..., 3:9] = float("-inf")
+    _check(q, k, v, attn_mask=mask.expand(2, 2, 40, 50), configs=TINY)
+
+
+def test_fully_masked_rows(device):
+    q, k, v = make_qkv(1, 40, 70, 2, 2, 32, device=device)
+    mask = torch.ones(1, 1, 40, 70, dtype=torch.bool, device=device)
+    mask[:, :, 5:9] = False  # whole rows dropped
+    out, lse = _check(q, k, v, attn_mask=mask.expand(1, 2, 40, 70))
+    assert (out[:, 5:9] == 0).all() and (lse[:, :, 5:9] == float("-inf")).all()
+    out, lse = _check(q, k[:, :10], v[:, :10], window=(2, 0))  # rows 0..29 end left of key 0
+    assert (out[:, :30] == 0).all() and (lse[:, :, :30] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_matches_philox(device, dtype):
+    q, k, v = make_qkv(2, 45, 70, 2, 1, 32, dtype=dtype, device=device)
+    kw = dict(dropout_p=0.3, seed=2**40 + 12345, window=(-1, 0))
+    out, lse = _check(q, k, v, **kw)
+    again, lse2 = forward(q, k, v, **_kw(32 ** -0.5, **kw))
+    assert torch.equal(out, again) and torch.equal(lse, lse2)
+
+
+def test_everything_at_once_tiny_tiles(device):
+    q, k, v = make_qkv(2, 40, 33, 2, 1, 48, 40, device=device)
+    mask = randn((2, 1, 40, 33), torch.float32, device).expand(2, 2, 40, 33)
+    _check(q, k, v, configs=TINY, window=(9, 2), softcap=3.0, alibi_slopes=torch.rand(2, 2, device=device),
+           sinks=randn((2,), torch.float32, device), attn_mask=mask, dropout_p=0.2, seed=7)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "padded"])
+def test_noncontiguous_bitwise(device, layout):
+    q, k, v = make_qkv(2, 70, 90, 2, 1, 64, layout=layout, device=device)
+    kw = _kw(0.125, window=(-1, 0))
+    out, lse = forward(q, k, v, **kw)
+    ref_out, ref_lse = forward(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def _check_varlen(lens_q, lens_k, Hq, Hkv, D, dtype, device, configs=None, use_tma=None, **kw):
+    cq, ck = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)
+    q = randn((sum(lens_q), Hq, D), dtype, device)
+    k, v = randn((sum(lens_k), Hkv, D), dtype, device), randn((sum(lens_k), Hkv, D), dtype, device)
+    kw = _kw(D ** -0.5, **kw)
+    fplan = plan.forward_plan(q, k, v, window=kw["window"], softcap=kw["softcap"], alibi_slopes=kw["alibi_slopes"],
+                              sinks=kw["sinks"], dropout_p=kw["dropout_p"], varlen=True,
+                              configs=configs, use_tma=use_tma)
+    out, lse = _poisoned(lambda: run_forward(q, k, v, fplan, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                             max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), **kw))
+    ref = dict(scale=kw["scale"], window=kw["window"], softcap=kw["softcap"], alibi_slopes=kw["alibi_slopes"],
+               sinks=kw["sinks"], dropout_p=kw["dropout_p"], dropout_seed=kw["seed"])
+    hi = reference.attention_varlen(q, k, v, cq, ck, upcast=True, **ref)
+    lo = reference.attention_varlen(q, k, v, cq, ck, upcast=False, **ref)
+    assert out.shape == (sum(lens_q), Hq, D) and lse.shape == (Hq, sum(lens_q))
+    assert_close("varlen out", out, hi[0], lo[0])
+    assert_close("varlen lse", lse, hi[1], lo[1], dtype=dtype)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (6, 2)])
+def test_varlen(device, window):
+    _check_varlen([5, 0, 70, 1, 33], [9, 4, 70, 0, 20], 4, 2, 32, torch.float32, device, window=window)
+
+
+def test_varlen_features_fp16(device):
+    _check_varlen([17, 0, 40], [30, 8, 0], 4, 1, 64, torch.float16, device, window=(-1, 0), softcap=4.0,
+                  alibi_slopes=torch.rand(3, 4, device=device), sinks=randn((4,), torch.float32, device),
+                  dropout_p=0.25, seed=123)
+
+
+@pytest.mark.skipif(CUDA and not SM90, reason="TMA descriptors need sm_90+")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_tma_path(device, dtype):
+    """The Hopper descriptor path (zero-filled tails, clipped stores), forced on wherever it can run."""
+    q, k, v = make_qkv(2, 70, 90, 2, 1, 80, 48, dtype=dtype, device=device)
+    _check(q, k, v, use_tma=True, window=(-1, 0))
+    _check(q[:1, :40], k[:1, :50], v[:1, :50], use_tma=True, configs=TINY, window=(20, 3),
+           sinks=randn((2,), torch.float32, device))
+    _check_varlen([17, 0, 40], [30, 8, 0], 2, 1, 64, dtype, device, use_tma=True, window=(-1, 0))
+
+
+def test_plan_describe(device):
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 80, device=device)
+    text = plan.describe(q, k, v, causal=True, softcap=1.0)
+    assert "D=80 (block 128)" in text and "softcap" in text and "(-1, 0)" in text and "BLOCK_M=" in text
+    p = plan.forward_plan(q, k, v)
+    assert p.block_d == 128 and p.configs and (p.autotune == (CUDA and len(p.configs) > 1))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("S,D,causal", [(1023, 64, True), (1025, 128, False), (1025, 128, True),
+                                        (255, 256, True), (513, 96, False), (2048, 128, True)])
+def test_gpu_longer(device, dtype, S, D, causal):
+    q, k, v = make_qkv(2, S, S, 4, 2, D, dtype=dtype, device=device)
+    _check(q, k, v, window=(-1, 0) if causal else (-1, -1))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_deterministic(device):
+    q, k, v = make_qkv(2, 1000, 1000, 8, 2, 128, dtype=torch.bfloat16, device=device)
+    kw = _kw(128 ** -0.5, window=(-1, 0))
+    a, b = forward(q, k, v, **kw), forward(q, k, v, **kw)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_pointer_path_matches_reference(device):
+    q, k, v = make_qkv(2, 777, 901, 4, 2, 128, dtype=torch.bfloat16, device=device)
+    _check(q, k, v, use_tma=False, window=(-1, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_past_2_31_elements(device):
+    """k and v hold 2^31 + 16896 elements each: key offsets overflow int32 unless taken in int64."""
+    Sk, Hq, Hkv, D = 2**23 + 33, 4, 2, 128
+    q = randn((1, 33, Hq, D), torch.bfloat16, device)
+    k, v = randn((1, Sk, Hkv, D), torch.bfloat16, device), randn((1, Sk, Hkv, D), torch.bfloat16, device)
+    assert k.numel() > 2**31
+    kw = _kw(D ** -0.5, window=(-1, 0))
+    out, lse = forward(q, k, v, **kw)
+    for h in range(Hq):  # oracle per head: one head's float64 scores fit in memory
+        hk = h // (Hq // Hkv)
+        args = (q[:, :, h:h + 1], k[:, :, hk:hk + 1], v[:, :, hk:hk + 1])
+        hi = reference.attention(*args, causal=True, upcast=True)
+        lo = reference.attention(*args, causal=True, upcast=False)
+        assert_close(f"out head {h}", out[:, :, h:h + 1], hi[0], lo[0])
+        assert_close(f"lse head {h}", lse[:, h:h + 1], hi[1], lo[1], dtype=q.dtype)

@@ -1,0 +1,228 @@
+"""Triton ``forward_kvcache`` (append + split-KV decode + combine) against the oracle.
+
+On CPU the kernels run in the Triton interpreter (fp32/fp16 only: bf16 tl.dot is broken
+there); ``gpu``-marked tests cover bf16, page size 256, 128k keys and CUDA-graph replay.
+"""
+
+import pytest
+import torch
+from helpers import assert_close, randn, to_paged
+
+from tileattn import reference
+from tileattn.backends.triton.kvcache import choose_num_splits, forward_kvcache, plan_kvcache
+
+CPU_DTYPES = (torch.float32, torch.float16)
+
+
+def _cache(B, smax, Hkv, D, Dv, dtype, device, page=None, fused=False):
+    """Caches with random contents (also past each length: a kernel reading them fails).
+
+    ``fused``: K and V are last-dim slices of one (.., D + Dv) buffer (separate strides).
+    ``page``: shuffled paged layout with spare pages and a partial last page.
+    Returns k_cache, v_cache, block_table (None when contiguous).
+    """
+    if fused or page:
+        kv = randn((B, smax, Hkv, D + Dv), dtype, device)
+        table = None
+        if page:
+            kv, table = to_paged(kv, page)
+        return kv[..., :D], kv[..., D:], table
+    return randn((B, smax, Hkv, D), dtype, device), randn((B, smax, Hkv, Dv), dtype, device), None
+
+
+def _check(q, kc, vc, kn, vn, lens, table, *, window=(-1, 0), softcap=0.0, alibi=None, sinks=None,
+           num_splits=0):
+    """Run the kernel and the oracle on copies of the caches; compare out, lse, appended caches."""
+    causal = window[1] == 0
+    kw = dict(cache_seqlens=lens, block_table=table, softcap=softcap, alibi_slopes=alibi, sinks=sinks,
+              causal=causal, window=(window[0], -1) if causal else window)
+    ref = {}
+    for upcast in (True, False):
+        kr, vr = kc.clone(), vc.clone()
+        ref[upcast] = reference.attention_with_kvcache(q, kr, vr, kn, vn, upcast=upcast, **kw)
+    k_run, v_run = kc.clone(), vc.clone()
+    out, lse = forward_kvcache(q, k_run, v_run, kn, vn, cache_seqlens=lens, block_table=table,
+                               scale=q.shape[-1] ** -0.5, window=window, softcap=softcap,
+                               alibi_slopes=alibi, sinks=sinks, num_splits=num_splits)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close("out", out, ref[True][0], ref[False][0])
+    assert_close("lse", lse, ref[True][1], ref[False][1], dtype=q.dtype)
+    assert torch.equal(k_run, kr) and torch.equal(v_run, vr), "appended cache differs from the oracle's"
+    return out, lse
+
+
+def _case(B, Sn, Hq, Hkv, D, lens, smax, dtype, device, *, Dv=None, page=None, fused=False, new=True):
+    Dv = D if Dv is None else Dv
+    q = randn((B, Sn, Hq, D), dtype, device)
+    kc, vc, table = _cache(B, smax, Hkv, D, Dv, dtype, device, page, fused)
+    kn = randn((B, Sn, Hkv, D), dtype, device) if new else None
+    vn = randn((B, Sn, Hkv, Dv), dtype, device) if new else None
+    return q, kc, vc, kn, vn, torch.tensor(lens, dtype=torch.int32, device=device), table
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_contiguous(device, dtype, Hq, Hkv, D):
+    _check(*_case(2, 1, Hq, Hkv, D, [37, 90], 100, dtype, device), num_splits=2)
+
+
+@pytest.mark.parametrize("page", [1, 5, 16, 64, pytest.param(256, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("Sn", [1, 3])
+def test_paged_equals_contiguous(device, page, Sn):
+    """Shuffled pages + spares + partial last page: oracle, and bitwise the contiguous result."""
+    B, Hq, Hkv, D, smax = 3, 8, 2, 64, 70 if page < 256 else 600
+    lens = [0, 33, smax - Sn] if page < 256 else [0, 257, 580]
+    q, kc, vc, kn, vn, lens, _ = _case(B, Sn, Hq, Hkv, D, lens, smax, torch.float32, device)
+    out_c, lse_c = _check(q, kc, vc, kn, vn, lens, None, num_splits=3)
+    kv, table = to_paged(torch.cat([kc, vc], dim=-1), page)
+    out_p, lse_p = _check(q, kv[..., :D], kv[..., D:], kn, vn, lens, table, num_splits=3)
+    assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+
+
+@pytest.mark.parametrize("Sn", [1, 3])
+@pytest.mark.parametrize("new", [True, False])
+def test_lengths_and_empty_rows(device, Sn, new):
+    """cache_seqlens 0 / 1 / odd; without new k a length-0 row is empty (out 0, lse -inf),
+    and with Sn > length the first rows keep nothing (bottom-right causal)."""
+    q, kc, vc, kn, vn, lens, table = _case(3, Sn, 4, 2, 64, [0, 1, 45], 64, torch.float32, device,
+                                           page=5, new=new)
+    out, lse = _check(q, kc, vc, kn, vn, lens, table, num_splits=2)
+    if not new:
+        assert (out[0] == 0).all() and (lse[0] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_features(device, dtype):
+    """softcap + ALiBi ((Hq,) expanded: stride 0) + sinks + sliding window, chunked prefill."""
+    B, Sn, Hq, Hkv = 2, 3, 8, 2
+    q, kc, vc, kn, vn, lens, table = _case(B, Sn, Hq, Hkv, 64, [50, 97], 110, dtype, device, page=16)
+    alibi = torch.rand(Hq, device=device).expand(B, Hq)
+    sinks = randn((Hq,), torch.float32, device)
+    for splits in (1, 3):
+        _check(q, kc, vc, kn, vn, lens, table, window=(20, 0), softcap=5.0, alibi=alibi, sinks=sinks,
+               num_splits=splits)
+    _check(q, kc, vc, kn, vn, lens, table, window=(7, 2), num_splits=2)  # not causal: right = 2
+
+
+def test_sinks_empty_row_lse_is_sink(device):
+    q, kc, vc, _, _, lens, _ = _case(2, 1, 4, 2, 64, [0, 20], 32, torch.float32, device, new=False)
+    sinks = randn((4,), torch.float32, device)
+    out, lse = _check(q, kc, vc, None, None, lens, None, sinks=sinks, num_splits=3)
+    assert (out[0] == 0).all()
+    torch.testing.assert_close(lse[0, :, 0], sinks, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("D,Dv", [(80, 80), (64, 32)])
+def test_odd_head_dims(device, D, Dv):
+    _check(*_case(2, 2, 4, 2, D, [0, 77], 80, torch.float32, device, Dv=Dv, fused=True), num_splits=2)
+
+
+def test_chunked_prefill_many_row_blocks(device):
+    """Sn * G = 160 packed rows -> 3 row blocks, causal and windowed tile skipping."""
+    q, kc, vc, kn, vn, lens, table = _case(1, 20, 8, 1, 32, [70], 96, torch.float16, device, page=16)
+    assert plan_kvcache(q, kc, vc, table).m_blocks == 3
+    _check(q, kc, vc, kn, vn, lens, table, num_splits=1)
+    _check(q, kc, vc, kn, vn, lens, table, window=(9, 0), num_splits=2)
+
+
+def test_splits_agree_and_noncontiguous_q(device):
+    """1 vs 3 splits agree (tolerance); a (B, H, S, D)-view q gives bitwise the same result."""
+    q, kc, vc, kn, vn, lens, table = _case(2, 3, 8, 2, 64, [120, 5], 128, torch.float32, device)
+    o1, l1 = _check(q, kc, vc, kn, vn, lens, table, num_splits=1)
+    o3, l3 = _check(q, kc, vc, kn, vn, lens, table, num_splits=3)
+    torch.testing.assert_close(o1, o3, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l3, rtol=1e-5, atol=1e-5)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    ot, lt = _check(qt, kc, vc, kn, vn, lens, table, num_splits=3)
+    assert torch.equal(ot, o3) and torch.equal(lt, l3)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_batch_invariance(device, splits):
+    """With a fixed split count a sequence's output is bitwise independent of its companions."""
+    q, kc, vc, kn, vn, lens, table = _case(3, 2, 4, 2, 64, [9, 100, 61], 110, torch.float16, device,
+                                           page=16)
+    out, lse = _check(q, kc, vc, kn, vn, lens, table, num_splits=splits)
+    b = 2
+    row = table[b:b + 1]
+    out_b, lse_b = forward_kvcache(q[b:b + 1], kc.clone(), vc.clone(), kn[b:b + 1], vn[b:b + 1],
+                                   cache_seqlens=lens[b:b + 1], block_table=row, scale=64 ** -0.5,
+                                   window=(-1, 0), softcap=0.0, alibi_slopes=None, sinks=None,
+                                   num_splits=splits)
+    assert torch.equal(out_b, out[b:b + 1]) and torch.equal(lse_b, lse[b:b + 1])
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(64, 8, 4096, 132) == 1
+    assert choose_num_splits(16, 8, 32768, 132) == 4
+    assert choose_num_splits(1, 8, 4096, 132) == 16
+    assert choose_num_splits(1, 8, 32768, 132) == 50
+    assert choose_num_splits(1, 8, 100, 132) == 1
+    assert choose_num_splits(1, 1, 10 ** 7, 132) == 128
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 16, 256])
+@pytest.mark.parametrize("Sn", [1, 4])
+def test_bf16_gpu(page, Sn):
+    B, Hq, Hkv, D = 4, 32, 8, 128
+    q, kc, vc, kn, vn, lens, table = _case(B, Sn, Hq, Hkv, D, [0, 1, 1000, 3000], 3072,
+                                           torch.bfloat16, "cuda", page=page)
+    for splits in (0, 1, 7):
+        _check(q, kc, vc, kn, vn, lens, table, num_splits=splits)
+    alibi = torch.rand(B, Hq, device="cuda")
+    sinks = randn((Hq,), torch.float32, "cuda")
+    _check(q, kc, vc, kn, vn, lens, table, window=(500, 0), softcap=30.0, alibi=alibi, sinks=sinks)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 256])
+def test_128k_keys_gpu(page):
+    q, kc, vc, kn, vn, lens, table = _case(2, 1, 8, 2, 128, [131071, 70001], 131072, torch.bfloat16,
+                                           "cuda", page=page)
+    for splits in (0, 1):
+        _check(q, kc, vc, kn, vn, lens, table, num_splits=splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 16])
+def test_cuda_graph_replay(page):
+    """Capture once, replay with new cache_seqlens (and new q / new k/v): matches the oracle."""
+    B, Sn, Hq, Hkv, D, smax = 4, 1, 32, 8, 128, 4096
+    q, kc, vc, kn, vn, lens, table = _case(B, Sn, Hq, Hkv, D, [5, 100, 2000, 4000], smax,
+                                           torch.bfloat16, "cuda", page=page)
+    kc0, vc0 = kc.clone(), vc.clone()
+
+    def call():
+        return forward_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table,
+                               scale=D ** -0.5, window=(-1, 0), softcap=0.0, alibi_slopes=None,
+                               sinks=None, num_splits=0)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile outside the capture
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = call()
+    for new_lens in ([0, 4095, 17, 1], [3000, 64, 0, 129]):
+        kc.copy_(kc0)
+        vc.copy_(vc0)
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        for x in (q, kn, vn):
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = {}
+        for upcast in (True, False):
+            kr, vr = kc0.clone(), vc0.clone()
+            ref[upcast] = reference.attention_with_kvcache(q, kr, vr, kn, vn, cache_seqlens=lens,
+                                                           block_table=table, upcast=upcast)
+        assert_close("out", out, ref[True][0], ref[False][0])
+        assert_close("lse", lse, ref[True][1], ref[False][1], dtype=q.dtype)
+        assert torch.equal(kc, kr) and torch.equal(vc, vr)

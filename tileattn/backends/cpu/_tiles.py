@@ -1,0 +1,210 @@
+"""The score pipeline on one tile, shared by the CPU forward and backward.
+
+Sub notation (the Triton kernels use the same names):
+
+    B, Sq, Sk     batch (1 for one varlen sequence), query and key lengths; off = Sk - Sq
+    Hq, Hkv, G    query heads, kv heads, G = Hq // Hkv (query head h = kvh * G + g reads kv head
+                  kvh). The G query heads of one kv head are packed as rows of one matrix, so
+                  k/v are never repeated: a q tile is (Bc * Hc, G * BLOCK_M, D).
+    slab          a chunk (batch slice ``bs``, kv-head slice ``hs``) of Bc x Hc (batch, kv head)
+                  pairs processed by one batched matmul; either Bc == 1 or Hc == Hkv, so a k/v
+                  tile is a view of the head-major copy (B, Hkv, Sk, D).
+    tile          rows i0..i1 of the G heads x keys j0..j1 of one slab: scores (Bc*Hc, R, N),
+                  R = G * (i1 - i0). At most ``TILE_ELEMS`` scores exist at a time: O(N) memory.
+
+Numerics: scores are fp32 whatever the input dtype and in base 2 (``s2 = s * log2(e)``, so
+the softmax uses ``exp2``); lse is converted back to natural log by the callers. The log2(e)
+factor is folded into the matmul's alpha, the ALiBi slopes and the float-mask add.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tileattn import _philox
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+BLOCK_ROWS = 256  # query rows per tile over the G packed heads (BLOCK_M = BLOCK_ROWS // G)
+BLOCK_N = 512  # keys per tile
+TILE_ELEMS = 1 << 21  # scores per tile over a slab (8 MiB fp32); dropout tiles use 1/8 of it
+NEG_INF = -math.inf
+
+
+@dataclass
+class Tiles:
+    """One dense problem (a batch, or one varlen sequence) and its tiling.
+
+    ``alibi`` None or fp32 (B, Hq); ``sinks`` None or fp32 (Hq,); ``attn_mask`` None or bool /
+    float (B, Hq, Sq, Sk) (stride-0 broadcast dims allowed); ``b0`` is the dropout batch id of
+    batch row 0 (the sequence index for varlen).
+    """
+
+    batch: int
+    sq: int
+    sk: int
+    hkv: int
+    g: int
+    scale: float
+    window: tuple
+    softcap: float
+    alibi: Optional[torch.Tensor]
+    attn_mask: Optional[torch.Tensor]
+    dropout_p: float
+    seed: int
+    b0: int = 0
+
+    def __post_init__(self):
+        self.off = self.sk - self.sq
+        self.block_m = max(1, BLOCK_ROWS // self.g)
+        # alpha of q @ k^T: base-2 scores directly, or s / softcap for the tanh
+        self.alpha = self.scale / self.softcap if self.softcap > 0 else self.scale * LOG2E
+
+    # ------------------------------------------------------------------ iteration
+
+    def slabs(self):
+        """(bs, hs) slices of batch rows and kv heads whose tiles fit in TILE_ELEMS."""
+        budget = TILE_ELEMS // (8 if self.dropout_p > 0 else 1)
+        per = max(1, budget // (self.g * self.block_m * BLOCK_N))  # (batch, kv head) pairs per slab
+        if per >= self.hkv:
+            nb = per // self.hkv
+            for b in range(0, self.batch, nb):
+                yield slice(b, min(b + nb, self.batch)), slice(0, self.hkv)
+        else:
+            for b in range(self.batch):
+                for h in range(0, self.hkv, per):
+                    yield slice(b, b + 1), slice(h, min(h + per, self.hkv))
+
+    def q_blocks(self):
+        """(i0, i1) query-row blocks of BLOCK_M rows."""
+        for i0 in range(0, self.sq, self.block_m):
+            yield i0, min(i0 + self.block_m, self.sq)
+
+    def k_blocks(self, i0, i1):
+        """(j0, j1) key blocks of at most BLOCK_N keys that some row i0..i1-1 can keep.
+
+        Row i keeps j iff (left < 0 or j >= i + off - left) and (right < 0 or j <= i + off + right);
+        key blocks entirely outside that band for every row are never visited.
+        """
+        left, right = self.window
+        lo = 0 if left < 0 else max(0, i0 + self.off - left)
+        hi = self.sk if right < 0 else min(self.sk, i1 - 1 + self.off + right + 1)
+        for j0 in range(lo, hi, BLOCK_N):
+            yield j0, min(j0 + BLOCK_N, hi)
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def scores(self, q, k, bs, hs, i0, i1, j0, j1, keep_tanh=False):
+        """Base-2 scores of one tile, every API.md step before the softmax applied.
+
+        q (Bc*Hc, R, D) fp32, k (Bc*Hc, N, D) fp32 -> (s2 (Bc*Hc, R, N) fp32 with dropped
+        positions at -inf, t) where t = tanh(s / softcap) (a separate tensor, for the
+        backward's softcap derivative) when ``keep_tanh`` and softcap > 0, else None.
+        """
+        s = torch.baddbmm(_empty(q, k), q, k.transpose(1, 2), beta=0.0, alpha=self.alpha)
+        t = None
+        if self.softcap > 0:  # 2. s = c * tanh(s / c), in base 2
+            s.tanh_()
+            if keep_tanh:
+                t, s = s, s * (self.softcap * LOG2E)
+            else:
+                s.mul_(self.softcap * LOG2E)
+        s5 = s.view(bs.stop - bs.start, hs.stop - hs.start, self.g, i1 - i0, j1 - j0)
+        if self.alibi is not None:  # 3. s -= slope * |i + off - j|
+            slopes = self.alibi[bs, hs.start * self.g:hs.stop * self.g].to(torch.float32)
+            slopes = slopes.reshape(*s5.shape[:3], 1, 1) * -LOG2E
+            dist = (self._rows(i0, i1) - self._cols(j0, j1)).abs_().to(torch.float32)
+            s5.addcmul_(slopes, dist)
+        if self.attn_mask is not None:  # 4. bool keep / float add
+            mask = self.attn_mask[bs, hs.start * self.g:hs.stop * self.g, i0:i1, j0:j1]
+            mask = mask.unflatten(1, (hs.stop - hs.start, self.g))
+            if mask.dtype == torch.bool:
+                s5.masked_fill_(mask.logical_not(), NEG_INF)
+            else:
+                s5.add_(mask, alpha=LOG2E)
+        keep = self._window_keep(i0, i1, j0, j1)  # 5. causal / window
+        if keep is not None:
+            s5.masked_fill_(keep.logical_not(), NEG_INF)
+        return s, t
+
+    def dropout_keep(self, bs, hs, i0, i1, j0, j1):
+        """bool (Bc*Hc, R, N) keep-mask of ``_philox``'s stream for this tile, or None."""
+        if self.dropout_p <= 0:
+            return None
+        b = torch.arange(self.b0 + bs.start, self.b0 + bs.stop).view(-1, 1, 1, 1, 1)
+        h = torch.arange(hs.start * self.g, hs.stop * self.g).view(1, -1, self.g, 1, 1)
+        i = torch.arange(i0, i1).view(-1, 1)
+        j = torch.arange(j0, j1).view(1, -1)
+        keep = _philox.uniform(self.seed, b, h, i, j) >= torch.tensor(self.dropout_p, dtype=torch.float32)
+        return keep.view(-1, self.g * (i1 - i0), j1 - j0)
+
+    def _rows(self, i0, i1):
+        return torch.arange(i0 + self.off, i1 + self.off).view(-1, 1)  # i + off, (M, 1)
+
+    def _cols(self, j0, j1):
+        return torch.arange(j0, j1).view(1, -1)  # j, (1, N)
+
+    def _window_keep(self, i0, i1, j0, j1):
+        """bool (M, N) window keep-mask of a tile, or None when every (i, j) is inside the band."""
+        left, right = self.window
+        cut_left = left >= 0 and j0 < i1 - 1 + self.off - left
+        cut_right = right >= 0 and j1 - 1 > i0 + self.off + right
+        if not (cut_left or cut_right):
+            return None
+        diff = self._cols(j0, j1) - self._rows(i0, i1)  # j - (i + off)
+        keep = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool)
+        if cut_left:
+            keep &= diff >= -left
+        if cut_right:
+            keep &= diff <= right
+        return keep
+
+
+def _empty(q, k):
+    """Uninitialized (Bc*Hc, R, N) fp32 score buffer (the baddbmm input with beta = 0)."""
+    return torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------- layout moves
+
+
+def heads_major(x):
+    """(B, S, H, D) any strides, any float dtype -> (B, H, S, D) fp32 contiguous copy."""
+    out = torch.empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=torch.float32)
+    return out.copy_(x.permute(0, 2, 1, 3))
+
+
+def kv_tile(x, bs, hs, j0, j1):
+    """(Bc*Hc, N, D) view of keys j0..j1 of the slab in a heads_major tensor."""
+    return x[bs, hs, j0:j1].flatten(0, 1)
+
+
+def gather_rows(x, bs, hs, g, i0, i1):
+    """Native (B, S, Hq, D) rows i0..i1 of the slab -> (Bc*Hc, G*M, D) fp32 contiguous copy.
+
+    The copy makes every later step independent of x's strides (bitwise-equal results for
+    contiguous and non-contiguous inputs).
+    """
+    part = x[bs, i0:i1, hs.start * g:hs.stop * g]
+    part = part.unflatten(2, (hs.stop - hs.start, g)).permute(0, 2, 3, 1, 4)  # (Bc, Hc, G, M, D)
+    out = torch.empty(part.shape, dtype=torch.float32)
+    return out.copy_(part).view(-1, g * (i1 - i0), x.shape[-1])
+
+
+def scatter_rows(dst, tile, bs, hs, g, i0, i1):
+    """Write a (Bc*Hc, G*M, Dv) tile into rows i0..i1 of the slab of native dst (B, S, Hq, Dv)."""
+    part = dst[bs, i0:i1, hs.start * g:hs.stop * g].unflatten(2, (hs.stop - hs.start, g))
+    part.copy_(tile.view(part.shape[0], part.shape[2], g, i1 - i0, -1).permute(0, 3, 1, 2, 4))
+
+
+def lse_rows(lse, bs, hs, g, i0, i1):
+    """(B, Hq, Sq) view -> (Bc*Hc, G*M) view or copy of rows i0..i1 of the slab."""
+    return lse[bs, hs.start * g:hs.stop * g, i0:i1].reshape(-1, g * (i1 - i0))
+
+
+def sink_rows(sinks, bs, hs, g, m):
+    """fp32 (Hq,) sink logits -> base-2 (Bc*Hc, G*M) per-row sink logits of a slab tile."""
+    s2 = sinks[hs.start * g:hs.stop * g].to(torch.float32).view(1, -1, g, 1) * LOG2E
+    return s2.expand(bs.stop - bs.start, -1, -1, m).reshape(-1, g * m)

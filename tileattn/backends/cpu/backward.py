@@ -1,0 +1,120 @@
+"""CPU backward of ``attention`` / ``attention_varlen``: flash-attention-2's algorithm in torch.
+
+Per slab and block of query rows (R = G * BLOCK_M packed rows), with ``delta_i =
+rowsum(dout_i * out_i)`` (which also holds with dropout: sum_j P_ij dP_ij = dout_i . out_i),
+every key block the window reaches is recomputed from the saved lse (no autograd)::
+
+    P   = exp2(s2 - lse2)                        un-dropped probabilities  (Bc*Hc, R, N)
+    dV += (P * keep)^T @ dout          / (1 - p)
+    dP  = (dout @ v^T) * keep          / (1 - p)
+    dS  = P * (dP - delta)                       dL/d(score after softcap, ALiBi and mask)
+    dmask[tile] = dS                              (``mask_grad``)
+    dS *= 1 - tanh^2                              (softcap chain, when softcap > 0)
+    dQ += dS @ k,  dK += dS^T @ q                 (times ``scale`` at the end)
+
+dK/dV of a kv head sum its G query heads for free: the G heads are rows of the same matmul.
+Accumulators are fp32; every sum runs in a fixed order, so the result is bitwise
+reproducible (``deterministic`` is always honoured). The sink gradient is
+``dsinks_h = -sum_i exp(sink_h - lse_i) * delta_i``.
+
+[Note] fully masked rows
+    An empty row has lse = -inf (no sinks): lse2 is replaced by 0, its scores are all -inf,
+    so P = 0 and every gradient it contributes is 0. With sinks lse is finite.
+"""
+
+import torch
+
+from . import _tiles
+from ._tiles import LOG2E, NEG_INF, Tiles
+
+
+@torch.no_grad()
+def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, sinks, attn_mask,
+             dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+             max_seqlen_k=None, deterministic=False, mask_grad=False):
+    """Backend contract (see ``tileattn.backends``) -> (dq, dk, dv, dsinks, dmask).
+
+    dense:  dout/out (B, Sq, Hq, Dv), lse (B, Hq, Sq); varlen: (Tq, Hq, Dv), lse (Hq, Tq).
+    dq, dk, dv have q, k, v's shapes and dtypes (contiguous); dsinks fp32 (Hq,) when sinks
+    is given; dmask fp32 (B, Hq, Sq, Sk) when ``mask_grad`` (dense only), else None.
+    """
+    kw = dict(scale=scale, window=tuple(window), softcap=softcap, dropout_p=dropout_p, seed=seed)
+    dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+    dsinks = None if sinks is None else torch.zeros(sinks.shape[0], dtype=torch.float64)
+    dmask = None
+    if cu_seqlens_q is None:
+        if mask_grad:
+            dmask = torch.zeros(q.shape[0], q.shape[2], q.shape[1], k.shape[1], dtype=torch.float32)
+        tiles = Tiles(q.shape[0], q.shape[1], k.shape[1], k.shape[2], q.shape[2] // k.shape[2],
+                      alibi=alibi_slopes, attn_mask=attn_mask, **kw)
+        _dense((dout, q, k, v, out, lse), (dq, dk, dv, dsinks, dmask), sinks, tiles)
+    else:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        for b in range(len(cq) - 1):
+            qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+            tiles = Tiles(1, qs.stop - qs.start, ks.stop - ks.start, k.shape[1], q.shape[1] // k.shape[1],
+                          alibi=None if alibi_slopes is None else alibi_slopes[b:b + 1], attn_mask=None,
+                          b0=b, **kw)
+            ins = (dout[None, qs], q[None, qs], k[None, ks], v[None, ks], out[None, qs], lse[None, :, qs])
+            _dense(ins, (dq[None, qs], dk[None, ks], dv[None, ks], dsinks, None), sinks, tiles)
+    return dq, dk, dv, None if dsinks is None else dsinks.float(), dmask
+
+
+def _dense(ins, grads, sinks, tiles):
+    """One dense problem. ins: dout, q, k, v, out (native layout, views allowed), lse (B, Hq, Sq).
+
+    grads: dq, dk, dv (native-layout views, written), dsinks fp64 (Hq,) (accumulated) or None,
+    dmask fp32 (B, Hq, Sq, Sk) zeros (written per visited tile) or None.
+    """
+    dout, q, k, v, out, lse = ins
+    dq, dk, dv, dsinks, dmask = grads
+    kh, vh = _tiles.heads_major(k), _tiles.heads_major(v)
+    dkh, dvh = torch.zeros_like(kh), torch.zeros_like(vh)  # fp32 (B, Hkv, Sk, D[v])
+    g = tiles.g
+    for bs, hs in tiles.slabs():
+        for i0, i1 in tiles.q_blocks():
+            rows = [_tiles.gather_rows(x, bs, hs, g, i0, i1) for x in (q, dout, out)]
+            lse_r = _tiles.lse_rows(lse, bs, hs, g, i0, i1).to(torch.float32)
+            delta = (rows[1] * rows[2]).sum(-1)  # (Bc*Hc, R)
+            dqt = _rows(rows[0], rows[1], lse_r, delta, kh, vh, dkh, dvh, dmask, tiles, bs, hs, i0, i1)
+            _tiles.scatter_rows(dq, dqt.mul_(tiles.scale), bs, hs, g, i0, i1)
+            if dsinks is not None:
+                psink = torch.exp2(_tiles.sink_rows(sinks, bs, hs, g, i1 - i0) - lse_r * LOG2E)
+                term = (psink * delta).double().view(-1, hs.stop - hs.start, g, i1 - i0)
+                dsinks[hs.start * g:hs.stop * g] -= term.sum((0, 3)).flatten()
+    if tiles.dropout_p > 0:
+        dvh.mul_(1.0 / (1.0 - tiles.dropout_p))
+    dk.copy_(dkh.mul_(tiles.scale).transpose(1, 2))
+    dv.copy_(dvh.transpose(1, 2))
+
+
+def _rows(qt, dot, lse_r, delta, kh, vh, dkh, dvh, dmask, tiles, bs, hs, i0, i1):
+    """Gradients of one q tile (Bc*Hc, R, D) over its key blocks; dK/dV accumulate in place.
+
+    Returns dQ / scale of the tile, fp32 (Bc*Hc, R, D).
+    """
+    lse2 = (lse_r * LOG2E).masked_fill_(lse_r == NEG_INF, 0.0).unsqueeze(-1)  # [Note] fully masked rows
+    dqt = torch.zeros_like(qt)
+    inv_keep = 1.0 / (1.0 - tiles.dropout_p)
+    for j0, j1 in tiles.k_blocks(i0, i1):
+        kt, vt = _tiles.kv_tile(kh, bs, hs, j0, j1), _tiles.kv_tile(vh, bs, hs, j0, j1)
+        s, t = tiles.scores(qt, kt, bs, hs, i0, i1, j0, j1, keep_tanh=True)
+        p = s.sub_(lse2).exp2_()
+        keep = tiles.dropout_keep(bs, hs, i0, i1, j0, j1)
+        pd = p if keep is None else p.masked_fill(keep.logical_not(), 0.0)
+        dvt = _tiles.kv_tile(dvh, bs, hs, j0, j1)
+        dvt.baddbmm_(pd.transpose(1, 2), dot)
+        dp = torch.bmm(dot, vt.transpose(1, 2))
+        if keep is not None:
+            dp.masked_fill_(keep.logical_not(), 0.0).mul_(inv_keep)
+        ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)
+        if dmask is not None:
+            part = dmask[bs, hs.start * tiles.g:hs.stop * tiles.g, i0:i1, j0:j1]
+            part.copy_(ds.view(part.shape[0], -1, tiles.g, i1 - i0, j1 - j0).flatten(1, 2))
+        if t is not None:  # softcap chain: d(c * tanh(x / c)) = 1 - tanh^2
+            ds.mul_(t.square_().neg_().add_(1.0))
+        dqt.baddbmm_(ds, kt)
+        _tiles.kv_tile(dkh, bs, hs, j0, j1).baddbmm_(ds.transpose(1, 2), qt)
+    return dqt

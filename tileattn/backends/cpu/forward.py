@@ -1,0 +1,100 @@
+"""CPU forward of ``attention`` / ``attention_varlen``: tiled online softmax in torch.
+
+Per slab (see ``_tiles``) and block of BLOCK_M query rows (all G heads of a kv head packed as
+R = G * BLOCK_M rows), the key blocks the window can reach are visited in order, keeping the
+online-softmax state in fp32 and base 2::
+
+    s2   = tile scores (log2 units)                 (Bc*Hc, R, N)
+    m_i  = running row max of s2                    (Bc*Hc, R)
+    l_i  = running row sum of exp2(s2 - m_i)        (un-dropped probabilities)
+    acc  = running sum of exp2(s2 - m_i) * keep @ v (Bc*Hc, R, Dv)
+
+and at the end ``out = acc / l_i / (1 - p)``, ``lse = (m_i + log2(l_i)) * ln 2``, the sink
+logit (if any) entering as one more term of l_i that carries no value.
+
+[Note] fully masked rows
+    A row that has kept no key so far has m_i = -inf; the exponent is taken against 0 instead
+    (``m_use``) so no ``-inf - -inf`` NaN appears and l_i, acc stay 0. A row that ends with
+    l_i = 0 gets out 0 and lse -inf; with sinks its l_i is exp2(0) = 1 against m_i = sink, so
+    out 0 and lse = the sink logit.
+"""
+
+import torch
+
+from . import _tiles
+from ._tiles import LN2, NEG_INF, Tiles
+
+
+@torch.no_grad()
+def forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed,
+            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Backend contract (see ``tileattn.backends``).
+
+    dense:  q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) -> out (B, Sq, Hq, Dv) in
+            q.dtype, lse (B, Hq, Sq) fp32.
+    varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D[v]), cu_seqlens_* int32 (B+1,) -> out (Tq, Hq, Dv),
+            lse (Hq, Tq); one dense problem per sequence b (dropout batch id b).
+    """
+    kw = dict(scale=scale, window=tuple(window), softcap=softcap, dropout_p=dropout_p, seed=seed)
+    if cu_seqlens_q is None:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+        _dense(q, k, v, out, lse, sinks, Tiles(q.shape[0], q.shape[1], k.shape[1], k.shape[2],
+               q.shape[2] // k.shape[2], alibi=alibi_slopes, attn_mask=attn_mask, **kw))
+        return out, lse
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        tiles = Tiles(1, qs.stop - qs.start, ks.stop - ks.start, k.shape[1], q.shape[1] // k.shape[1],
+                      alibi=None if alibi_slopes is None else alibi_slopes[b:b + 1], attn_mask=None, b0=b,
+                      **kw)
+        _dense(q[None, qs], k[None, ks], v[None, ks], out[None, qs], lse[None, :, qs], sinks, tiles)
+    return out, lse
+
+
+def _dense(q, k, v, out, lse, sinks, tiles):
+    """One dense problem: fill ``out`` (B, Sq, Hq, Dv) and ``lse`` (B, Hq, Sq) (views allowed)."""
+    if out.numel() == 0 and lse.numel() == 0:
+        return
+    kh, vh = _tiles.heads_major(k), _tiles.heads_major(v)  # (B, Hkv, Sk, D[v]) fp32
+    g = tiles.g
+    for bs, hs in tiles.slabs():
+        for i0, i1 in tiles.q_blocks():
+            qt = _tiles.gather_rows(q, bs, hs, g, i0, i1)
+            o, l2 = _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1)
+            _tiles.scatter_rows(out, o, bs, hs, g, i0, i1)
+            lse[bs, hs.start * g:hs.stop * g, i0:i1] = (l2 * LN2).view(-1, hs.stop - hs.start, g, i1 - i0).flatten(1, 2)
+
+
+def _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1):
+    """Online softmax of one q tile (Bc*Hc, R, D) over its key blocks -> (out, base-2 lse)."""
+    n, r = qt.shape[:2]
+    m_i = torch.full((n, r), NEG_INF)
+    l_i = torch.zeros(n, r)
+    acc = torch.zeros(n, r, vh.shape[-1])
+    for j0, j1 in tiles.k_blocks(i0, i1):
+        s, _ = tiles.scores(qt, _tiles.kv_tile(kh, bs, hs, j0, j1), bs, hs, i0, i1, j0, j1)
+        m_new = torch.maximum(m_i, s.amax(-1))
+        m_use = m_new.masked_fill(m_new == NEG_INF, 0.0)  # [Note] fully masked rows
+        s.sub_(m_use.unsqueeze(-1)).exp2_()
+        rescale = torch.exp2(m_i - m_use)
+        l_i.mul_(rescale).add_(s.sum(-1))
+        keep = tiles.dropout_keep(bs, hs, i0, i1, j0, j1)
+        if keep is not None:
+            s.masked_fill_(keep.logical_not(), 0.0)
+        acc.mul_(rescale.unsqueeze(-1)).baddbmm_(s, _tiles.kv_tile(vh, bs, hs, j0, j1))
+        m_i = m_new
+    if sinks is not None:  # the sink: one more logit in the denominator, no value
+        sink = _tiles.sink_rows(sinks, bs, hs, tiles.g, i1 - i0)
+        m_fin = torch.maximum(m_i, sink)
+        rescale = torch.exp2(m_i - m_fin)
+        l_i.mul_(rescale).add_(torch.exp2(sink - m_fin))
+        acc.mul_(rescale.unsqueeze(-1))
+        m_i = m_fin
+    empty = l_i == 0
+    out = acc.div_(l_i.masked_fill(empty, 1.0).unsqueeze(-1))
+    if tiles.dropout_p > 0:
+        out.mul_(1.0 / (1.0 - tiles.dropout_p))
+    return out, torch.where(empty, NEG_INF, m_i + torch.log2(l_i))

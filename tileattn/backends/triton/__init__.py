@@ -1,0 +1,9 @@
+"""Triton backend: ``@triton.jit`` kernels + launchers implementing ``tileattn.backends``' contract.
+
+Runs compiled on CUDA (Hopper first-class) and, for CI, in the Triton interpreter on CPU tensors
+(``TRITON_INTERPRET=1``). ``tileattn.plan.describe`` says which variant and blocks a call uses.
+"""
+
+from tileattn.backends.triton.forward import forward
+
+__all__ = ["forward"]

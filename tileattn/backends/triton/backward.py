@@ -1,0 +1,206 @@
+"""Triton flash-attention backward: the contract's ``backward`` (dense and varlen), launcher only.
+
+Kernels live in ``backward_kernels.py`` (preprocess delta, dK/dV over key blocks, dQ over
+query blocks). Inputs follow ``tileattn.backends``: q (B, Sq, Hq, D), k (B, Sk, Hkv, D),
+v (B, Sk, Hkv, Dv), dout/out (B, Sq, Hq, Dv), lse fp32 (B, Hq, Sq) [varlen: (Tq, Hq, D),
+(Tk, Hkv, D[v]), lse (Hq, Tq)], any strides. Returns dq, dk, dv contiguous in their inputs'
+dtypes, dsinks fp32 (Hq,) or None, dmask fp32 (B, Hq, Sq, Sk) or None.
+
+Determinism: there are no atomics anywhere and every gradient element is produced by one
+program in a fixed order, so gradients are bitwise reproducible for any ``deterministic``
+(the autotuner's choice is cached per shape bucket, so repeated calls run the same config).
+dsinks_h = -sum_i exp(sink_h - lse_i) * delta_i is a plain torch reduction (deterministic).
+
+Example::
+
+    out, lse = forward(q, k, v, scale=0.125, window=(-1, 0), softcap=0.0, alibi_slopes=None,
+                       sinks=None, attn_mask=None, dropout_p=0.0, seed=0)
+    dq, dk, dv, _, _ = backward(dout, q, k, v, out, lse, scale=0.125, window=(-1, 0), softcap=0.0,
+                                alibi_slopes=None, sinks=None, attn_mask=None, dropout_p=0.0,
+                                seed=0, deterministic=False, mask_grad=False)
+"""
+
+import os
+from collections import namedtuple
+
+import torch
+import triton
+
+from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
+
+LOG2E = 1.4426950408889634
+
+Cfg = namedtuple("Cfg", "block_m block_n num_warps num_stages why")
+# (target, "16" | "32" bit dtype, head-dim block) -> configs, default first.
+# dK/dV: BLOCK_N keys per program, BLOCK_M query rows per inner step.
+_DKDV = {
+    ("sm_90", "16", 64): (Cfg(64, 128, 8, 3, "Flex H100 shape: 128 keys per program, two warpgroups"),
+                          Cfg(64, 64, 4, 3, "Flex H100 D=64: one warpgroup, more programs"),
+                          Cfg(32, 128, 4, 3, "short row steps: less causal waste, deep pipeline")),
+    ("sm_90", "16", 128): (Cfg(64, 128, 8, 3, "Flex H100 D=128 (BLOCK_M1=64, BLOCK_N1=128, 8 warps)"),
+                           Cfg(32, 128, 4, 3, "one warpgroup, short row steps"),
+                           Cfg(64, 64, 4, 3, "fewer registers for dk/dv accumulators")),
+    ("sm_90", "16", 256): (Cfg(64, 64, 8, 2, "D=256: dk/dv 64x256 fp32 over two warpgroups"),
+                           Cfg(32, 64, 4, 2, "smallest smem footprint"),
+                           Cfg(32, 64, 8, 2, "two warpgroups, short row steps")),
+    ("cuda", "16", 64): (Cfg(64, 64, 4, 3, "Ampere-class default"),),
+    ("cuda", "16", 128): (Cfg(64, 64, 4, 2, "Ampere-class default"), Cfg(32, 128, 8, 2, "more keys per program")),
+    ("cuda", "16", 256): (Cfg(32, 64, 4, 2, "D=256: small tiles to fit registers and shared memory"),),
+    ("cuda", "32", 64): (Cfg(32, 64, 4, 2, "fp32 ieee dots run on FMA units: small tiles"),),
+    ("cuda", "32", 128): (Cfg(32, 32, 4, 2, "fp32 ieee dots run on FMA units: small tiles"),),
+    ("cuda", "32", 256): (Cfg(16, 32, 4, 1, "fp32, D=256: smallest tiles tl.dot allows"),),
+    ("interpreter", "", 0): (Cfg(32, 64, 4, 1, "interpreter: BLOCK_M != BLOCK_N catches swapped roles"),),
+}
+# dQ: BLOCK_M query rows per program, BLOCK_N keys per inner step.
+_DQ = {
+    ("sm_90", "16", 64): (Cfg(128, 64, 8, 3, "Flex H100 shape: 128 rows per program"),
+                          Cfg(64, 64, 4, 3, "Flex H100 D=64"),
+                          Cfg(128, 32, 4, 3, "short key steps, one warpgroup")),
+    ("sm_90", "16", 128): (Cfg(128, 64, 8, 3, "Flex H100 D=128 (BLOCK_M2=128, BLOCK_N2=64, 8 warps)"),
+                           Cfg(64, 64, 4, 3, "one warpgroup, more programs"),
+                           Cfg(128, 32, 4, 3, "short key steps, deep pipeline")),
+    ("sm_90", "16", 256): (Cfg(64, 64, 8, 2, "D=256: dq 64x256 fp32 over two warpgroups"),
+                           Cfg(64, 32, 4, 2, "smallest smem footprint"),
+                           Cfg(128, 32, 8, 2, "more rows per K/V read")),
+    ("cuda", "16", 64): (Cfg(64, 64, 4, 3, "Ampere-class default"),),
+    ("cuda", "16", 128): (Cfg(64, 64, 4, 2, "Ampere-class default"), Cfg(128, 32, 8, 2, "more rows per K/V read")),
+    ("cuda", "16", 256): (Cfg(64, 32, 4, 2, "D=256: small tiles to fit registers and shared memory"),),
+    ("cuda", "32", 64): (Cfg(64, 32, 4, 2, "fp32 ieee dots run on FMA units: small tiles"),),
+    ("cuda", "32", 128): (Cfg(32, 32, 4, 2, "fp32 ieee dots run on FMA units: small tiles"),),
+    ("cuda", "32", 256): (Cfg(32, 16, 4, 1, "fp32, D=256: smallest tiles tl.dot allows"),),
+    ("interpreter", "", 0): (Cfg(64, 32, 4, 1, "interpreter: BLOCK_M != BLOCK_N catches swapped roles"),),
+}
+
+
+def _configs(table, t, block_d, block_dv):
+    """Candidate configs for tensors like ``t``; one (the default) with TILEATTN_AUTOTUNE=0."""
+    if t.device.type != "cuda":
+        return table[("interpreter", "", 0)]
+    width = "32" if t.dtype == torch.float32 else "16"
+    target = "sm_90" if width == "16" and torch.cuda.get_device_capability(t.device)[0] >= 9 else "cuda"
+    configs = table[(target, width, max(64, block_d, block_dv))]
+    return configs[:1] if os.environ.get("TILEATTN_AUTOTUNE") == "0" else configs
+
+
+def _smem(c, rows_per_step, fixed_rows, block_d, block_dv, es):
+    """Bytes of shared memory: the tile held for the whole program + num_stages streamed tiles."""
+    return es * (block_d + block_dv) * (fixed_rows + max(c.num_stages, 1) * rows_per_step)
+
+
+def _prune(which):
+    """Autotune ``early_config_prune``: drop configs over the device's shared memory and tiles
+    longer than the (bucketed) sequence they cover -- they compute only padding. Keeps >= 1."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        es = args["Q"].element_size()
+        limit = triton.runtime.driver.active.utils.get_device_properties(args["Q"].device.index)["max_shared_mem"]
+        bd, bdv = args["BLOCK_D"], args["BLOCK_DV"]
+        length = args["tune_sk"] if which == "dkdv" else args["tune_sq"]
+        kept = []
+        for c in configs:
+            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            steps, fixed = (m, n) if which == "dkdv" else (n, m)
+            if _smem(c, steps, fixed, bd, bdv, es) <= limit and fixed <= max(length, 64):
+                kept.append(c)
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return prune
+
+
+_TUNED = {}
+
+
+def _launcher(kernel, which, configs, features):
+    """(kernel to launch, direct-launch meta kwargs): an autotuner cached per feature set, or the kernel."""
+    if len(configs) == 1:
+        c = configs[0]
+        return kernel, dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
+    key = (which, configs, features)
+    if key not in _TUNED:
+        cfgs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                              num_stages=c.num_stages) for c in configs]
+        _TUNED[key] = triton.autotune(cfgs, key=["tune_sq", "tune_sk"],
+                                      prune_configs_by={"early_config_prune": _prune(which)})(kernel)
+    return _TUNED[key], {}
+
+
+def _bucket(n):
+    """Autotune key of a sequence length: next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _strides(t, varlen):
+    """(batch, seq, head) strides; varlen tensors (T, H, D) get batch stride 0."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, sinks, attn_mask,
+             dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+             max_seqlen_k=None, deterministic=False, mask_grad=False):
+    """Backend-contract backward (see ``tileattn.backends``) -> (dq, dk, dv, dsinks, dmask).
+
+    Always deterministic (no atomics); ``deterministic`` is accepted for the contract.
+    dmask (``mask_grad``, dense only) = dL/d(additive score term) fp32 (B, Hq, Sq, Sk).
+    """
+    varlen = cu_seqlens_q is not None
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        if max_seqlen_q is None or max_seqlen_k is None:  # host sync; the API passes both
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch > 0 else 0
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if batch > 0 else 0
+        seqlen_q = seqlen_k = 0
+        stride_lb, stride_lh = 0, lse.stride(0)
+    else:
+        batch, seqlen_q = q.shape[:2]
+        seqlen_k = k.shape[1]
+        max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+    mask_grad = mask_grad and not varlen
+    dmask = torch.zeros((batch, hq, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device) if mask_grad else None
+    if q.numel() == 0 or k.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        dsinks = None if sinks is None else torch.zeros_like(sinks, dtype=torch.float32)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dsinks, dmask
+
+    head_d, head_dv = q.shape[-1], v.shape[-1]
+    block_d, block_dv = max(16, triton.next_power_of_2(head_d)), max(16, triton.next_power_of_2(head_dv))
+    _bwd_preprocess[(triton.cdiv(max_seqlen_q, 64), batch * hq)](
+        out, dout, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(dout, varlen), stride_lb, stride_lh,
+        hq, seqlen_q, HEAD_DV=head_dv, BLOCK_M=64, BLOCK_DV=block_dv, IS_VARLEN=varlen)
+
+    left, right = window
+    mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
+    flags = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv, IS_VARLEN=varlen,
+                 SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
+                 HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0,
+                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    features = tuple(sorted(flags.items())) + (("MASK_GRAD", mask_grad),)
+    common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+    tail = (stride_lb, stride_lh, *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
+            *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)))
+    scalars = (scale, scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E, left, right,
+               float(dropout_p), int(seed) if dropout_p > 0 else 0, _bucket(max_seqlen_q), _bucket(max_seqlen_k))
+
+    kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv), features)
+    kernel[lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), batch * hkv)](
+        q, k, v, dout, lse, delta, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
+        *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
+        hkv, hq // hkv, seqlen_q, seqlen_k, *scalars, **flags, **meta)
+
+    kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv), features)
+    kernel[lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), batch * hq)](
+        q, k, v, dout, lse, delta, dq, dmask, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
+        *common, *_strides(dq, varlen), *tail,
+        hq, hq // hkv, seqlen_q, seqlen_k, *scalars, MASK_GRAD=mask_grad, **flags, **meta)
+
+    dsinks = None
+    if sinks is not None:  # the sink's probability exp(sink - lse_i) times dS = 0 - delta_i
+        sink = sinks.float().view(-1, 1) if varlen else sinks.float().view(1, -1, 1)
+        dsinks = -(torch.exp(sink - lse) * delta).sum(dim=1 if varlen else (0, 2))
+    return dq, dk, dv, dsinks, dmask

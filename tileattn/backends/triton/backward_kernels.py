@@ -1,0 +1,438 @@
+"""Triton flash-attention backward kernels (flash-attention 2 structure), every API.md feature.
+
+Three kernels, launched in order by ``backward.py``:
+
+1. ``_bwd_preprocess``: ``delta_i = rowsum(out_i * dout_i)`` in fp32, laid out like lse.
+2. ``_bwd_dkdv_kernel``: one program per (batch or sequence, kv head, BLOCK_N keys); it loops
+   over the G = Hq / Hkv query heads of its group and their query blocks, so dK/dV of a kv head
+   is the sum over its query heads without repeating k/v in memory and without atomics.
+3. ``_bwd_dq_kernel``: one program per (batch or sequence, query head, BLOCK_M rows); loops
+   over key blocks, writes dq, and with ``MASK_GRAD`` the dmask tile (fp32).
+
+Every output element is written by exactly one program, in a fixed loop order, with no
+atomics: the backward is bitwise reproducible by construction (``deterministic=True`` costs
+nothing; the flag has no effect).
+
+Sub notation (on top of ``common.py``'s ``i, j, diag, qk, t``)::
+
+    lse2       lse_i * log2(e), fp32 (BLOCK_M,); +inf for an empty row, see [Note] empty rows
+    delta      rowsum(out * dout) (BLOCK_M,) = sum_j P_ij dP_ij (dropout included)
+    p          P_ij = exp2(t_ij - lse2_i): the forward's probabilities, recomputed from lse
+    dp         dL/dP_ij = (dout_i . v_j) * keep_ij / (1 - dropout_p)
+    ds         dS_ij = P_ij (dp_ij - delta_i): gradient of the score after softcap, in natural
+               log units; it is also the float mask's gradient (dmask)
+    dcap       d(capped score)/d(raw score): 1 - tanh^2 with softcap, else 1
+    dq, dk     scale * (ds * dcap) @ k, scale * (ds * dcap)^T @ q;  dv = P_dropped^T @ dout
+    ...T       the dK/dV kernel works on transposed (BLOCK_N keys, BLOCK_M rows) tiles: it calls
+               the common.py helpers with rows and columns swapped and ``-diag`` (|rel| and the
+               window test are symmetric under that swap), so the score pipeline stays single
+
+[Note] empty rows in the backward
+    A row that kept no key (and has no sink) has lse = -inf. Its lse2 is replaced by +inf, so
+    every p = exp2(t - inf) = 0 (also for t = -inf) and all its gradients are exactly 0. Rows
+    past the sequence end load lse = +inf for the same effect, so the dK/dV kernel needs no
+    row test on its fully kept tiles. With sinks, lse >= the sink logit is always finite.
+"""
+
+import triton
+import triton.language as tl
+
+from tileattn.backends.triton.common import block_ranges, dropout_keep, keep_tile, load_mask_tile, score_log2
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _load_rows(base, start, nrows, stride_row, ncols,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PAD_COLS: tl.constexpr):
+    """Rows [start, start+BLOCK_R) x cols [0, BLOCK_C) of a row-major (nrows, ncols) view; 0 outside."""
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    ptrs = base + start.to(tl.int64) * stride_row + rows[:, None] * stride_row + cols[None, :]
+    inside = ((start + rows) < nrows)[:, None]
+    if PAD_COLS:
+        inside = inside & (cols < ncols)[None, :]
+    return tl.load(ptrs, mask=inside, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, x, start, nrows, stride_row, ncols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Store x (BLOCK_R, BLOCK_C) to rows [start, +BLOCK_R) of a row-major (nrows, ncols) view."""
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    ptrs = base + start.to(tl.int64) * stride_row + rows[:, None] * stride_row + cols[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=((start + rows) < nrows)[:, None] & (cols < ncols)[None, :])
+
+
+@triton.jit
+def _load_lse2(lse_base, offs, seqlen):
+    """lse * log2(e) of rows ``offs``; +inf for empty rows and rows past ``seqlen`` ([Note] empty rows)."""
+    lse = tl.load(lse_base + offs, mask=offs < seqlen, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2, mask_tile,
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
+    """(t, dcap): ``common.score_log2``'s base-2 score and d(capped s)/d(s) = 1 - tanh^2 (1.0 without softcap).
+
+    With softcap the pipeline runs in two calls, cap first, then ALiBi/mask on the capped value
+    (scale 1.0 is exact), so t is bit-for-bit the forward's and tanh = t_cap / (c * log2(e)).
+    """
+    if SOFTCAP:
+        t = score_log2(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2, mask_tile,
+                       True, False, 0)
+        tanh = t * (1.0 / softcap_log2)
+        dcap = 1.0 - tanh * tanh
+        if ALIBI or MASK_KIND == 2:
+            t = score_log2(t, offs_m, offs_n, diag, 1.0, softcap_scale, softcap_log2, alibi_log2, mask_tile,
+                           False, ALIBI, MASK_KIND)
+    else:
+        t = score_log2(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2, mask_tile,
+                       False, ALIBI, MASK_KIND)
+        dcap = 1.0
+    return t, dcap
+
+
+@triton.jit
+def query_ranges(n0, seqlen_q, seqlen_k, window_left, window_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query-block boundaries ``lo <= full_lo <= full_hi <= hi`` for keys [n0, n0+BLOCK_N): the
+    transpose of ``common.block_ranges``.
+
+    Row i keeps key j iff j >= i + diag - left and j <= i + diag + right, i.e.
+    j - diag - right <= i <= j - diag + left. Blocks in [lo, hi) hold every row keeping one of
+    these keys; blocks in [full_lo, full_hi) keep all of them for every real row (rows past
+    seqlen_q are zeroed by lse = +inf, keys past seqlen_k only feed dk/dv rows never stored),
+    so only [lo, full_lo) (HAS_RIGHT) and [full_hi, hi) (HAS_LEFT) need ``keep_tile``.
+    """
+    diag = seqlen_k - seqlen_q
+    n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+    lo = seqlen_q * 0
+    hi = seqlen_q
+    full_lo = lo
+    full_hi = hi
+    if HAS_RIGHT:
+        lo = tl.maximum(n0 - diag - window_right, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(n_last - diag - window_right, 0), BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(n_last - diag + window_left + 1, seqlen_q)
+        full_end = n0 - diag + window_left + 1  # rows < full_end keep key n0
+        full_hi = tl.where(full_end >= seqlen_q, seqlen_q, tl.maximum(full_end, 0) // BLOCK_M * BLOCK_M)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+# ----------------------------------------------------------------------------- preprocess
+
+
+@triton.jit
+def _bwd_preprocess(Out, DOut, Delta, CuSeqlensQ,
+                    stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
+                    num_heads, seqlen_q_dense,
+                    HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq): Delta[b, h, i] = sum_d Out * DOut (fp32)."""
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    q_start = 0
+    seqlen_q = seqlen_q_dense
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 < seqlen_q:
+        b64 = off_b.to(tl.int64)
+        h64 = off_h.to(tl.int64)
+        q0 = tl.full([], q_start, tl.int64)
+        o = _load_rows(Out + b64 * stride_ob + h64 * stride_oh + q0 * stride_om, m0, seqlen_q, stride_om,
+                       HEAD_DV, BLOCK_M, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        do = _load_rows(DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom, m0, seqlen_q, stride_dom,
+                        HEAD_DV, BLOCK_M, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        tl.store(Delta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+# ----------------------------------------------------------------------------- dK / dV
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, lo, hi,
+                n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
+                qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
+                dropout_p, seed, off_h, off_b,
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate query blocks [lo, hi) of one query head into dk (BLOCK_N, BLOCK_D), dv (BLOCK_N, BLOCK_DV).
+
+    Tiles are transposed (keys x rows). EDGE: the window cuts these tiles (``keep_tile``).
+    """
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for m0 in range(lo, hi, BLOCK_M):
+        m0 = tl.multiple_of(m0, BLOCK_M)
+        offs_m = m0 + offs_m0
+        q = _load_rows(q_base, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, HEAD_D != BLOCK_D)
+        do = _load_rows(do_base, m0, seqlen_q, stride_dom, HEAD_DV, BLOCK_M, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        lse2 = _load_lse2(lse_base, offs_m, seqlen_q)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
+
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        if MASK_KIND != 0:
+            maskT = load_mask_tile(mask_base, n0, m0, stride_mn, stride_mm, seqlen_k, seqlen_q, BLOCK_N, BLOCK_M)
+        else:
+            maskT = 0
+        tT, dcapT = score_and_dcap(qkT, offs_n, offs_m, -diag, qk_scale, softcap_scale, softcap_log2, alibi_log2,
+                                   maskT, SOFTCAP, ALIBI, MASK_KIND)
+        pT = tl.math.exp2(tT - lse2[None, :])
+        if EDGE:
+            keepT = keep_tile(offs_n, offs_m, -diag, seqlen_q, window_right, window_left, HAS_RIGHT, HAS_LEFT)
+            pT = tl.where(keepT, pT, 0.0)
+        if MASK_KIND == 1:
+            pT = tl.where(maskT != 0, pT, 0.0)
+
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if DROPOUT:
+            dropT = tl.trans(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b).to(tl.int8)) != 0
+            rescale = 1.0 / (1.0 - dropout_p)
+            dv = tl.dot(tl.where(dropT, pT * rescale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpT = tl.where(dropT, dpT * rescale, 0.0)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * dcapT
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
+                     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                     stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                     stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
+                     num_kv_heads, group, seqlen_q_dense, seqlen_k_dense,
+                     scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
+                     tune_sq, tune_sk,
+                     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid (cdiv(max_seqlen_k, BLOCK_N), B * Hkv): dk, dv of BLOCK_N keys of one kv head.
+
+    Query head h = kv_head * group + g for g < group (GQA). Every key row < seqlen_k is stored,
+    zeros when no row keeps it. tune_sq / tune_sk: autotune key only.
+    """
+    pid_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_kv_heads
+    off_hk = off_bh % num_kv_heads
+    q_start = 0
+    k_start = 0
+    seqlen_q = seqlen_q_dense
+    seqlen_k = seqlen_k_dense
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    n0 = pid_n * BLOCK_N
+    if n0 < seqlen_k:
+        b64 = off_b.to(tl.int64)
+        q0 = tl.full([], q_start, tl.int64)
+        k0 = tl.full([], k_start, tl.int64)
+        kv_off = b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k0 * stride_kn
+        k = _load_rows(K + kv_off, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, HEAD_D != BLOCK_D)
+        kv_off = b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k0 * stride_vn
+        v = _load_rows(V + kv_off, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        diag = seqlen_k - seqlen_q
+        lo, full_lo, full_hi, hi = query_ranges(n0, seqlen_q, seqlen_k, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        for g in range(group):
+            off_h = off_hk * group + g
+            h64 = off_h.to(tl.int64)
+            q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
+            do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
+            lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q0
+            delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
+            if MASK_KIND != 0:
+                mask_base = Mask + b64 * stride_mb + h64 * stride_mh
+            else:
+                mask_base = Q  # never read
+            if ALIBI:
+                alibi_log2 = tl.load(Slopes + b64 * stride_ab + h64 * stride_ah) * LOG2E
+            else:
+                alibi_log2 = 0.0
+            if HAS_RIGHT:  # rows above the diagonal / window's right side: masked tiles
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, lo, full_lo,
+                                     n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm,
+                                     stride_mn, qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left,
+                                     window_right, dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D,
+                                     BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT,
+                                     HAS_RIGHT, DROPOUT, DOT_PREC)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, full_lo, full_hi,
+                                 n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm,
+                                 stride_mn, qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left,
+                                 window_right, dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D,
+                                 BLOCK_DV, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT,
+                                 HAS_RIGHT, DROPOUT, DOT_PREC)
+            if HAS_LEFT:  # rows below the window's left side: masked tiles
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, full_hi, hi,
+                                     n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm,
+                                     stride_mn, qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left,
+                                     window_right, dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D,
+                                     BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT,
+                                     HAS_RIGHT, DROPOUT, DOT_PREC)
+        dk_base = DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + k0 * stride_dkn
+        _store_rows(dk_base, dk * scale, n0, seqlen_k, stride_dkn, HEAD_D, BLOCK_N, BLOCK_D)
+        dv_base = DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + k0 * stride_dvn
+        _store_rows(dv_base, dv, n0, seqlen_k, stride_dvn, HEAD_DV, BLOCK_N, BLOCK_DV)
+
+
+# ----------------------------------------------------------------------------- dQ (+ dmask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo, hi,
+              m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+              qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
+              dropout_p, seed, off_h, off_b,
+              HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate key blocks [lo, hi) into dq (BLOCK_M, BLOCK_D); store dS tiles to dmask (MASK_GRAD).
+
+    EDGE: tiles cut by the window or the ragged last key block (``keep_tile``; keys past
+    seqlen_k must be zeroed here since their p may overflow).
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        offs_n = n0 + offs_n0
+        k = _load_rows(k_base, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, HEAD_D != BLOCK_D)
+        v = _load_rows(v_base, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if MASK_KIND != 0:
+            mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N)
+        else:
+            mask_tile = 0
+        t, dcap = score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2,
+                                 mask_tile, SOFTCAP, ALIBI, MASK_KIND)
+        p = tl.math.exp2(t - lse2[:, None])
+        if EDGE:
+            p = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                         p, 0.0)
+        if MASK_KIND == 1:
+            p = tl.where(mask_tile != 0, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if DROPOUT:
+            drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
+            dp = tl.where(drop, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if MASK_GRAD:
+            ptrs = (dmask_base + m0.to(tl.int64) * seqlen_k + n0
+                    + tl.arange(0, BLOCK_M)[:, None] * tl.cast(seqlen_k, tl.int64) + offs_n0[None, :])
+            tl.store(ptrs, ds, mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
+        if SOFTCAP:
+            ds = ds * dcap
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, DMask, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
+                   stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                   stride_dqb, stride_dqm, stride_dqh,
+                   stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
+                   num_heads, group, seqlen_q_dense, seqlen_k_dense,
+                   scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
+                   tune_sq, tune_sk,
+                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq): dq of BLOCK_M rows of one query head.
+
+    DMask (MASK_GRAD, dense only): contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher;
+    this kernel writes the tiles it visits. With HAS_RIGHT the longest rows' blocks start first.
+    """
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    off_bh = tl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    q_start = 0
+    k_start = 0
+    seqlen_q = seqlen_q_dense
+    seqlen_k = seqlen_k_dense
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    m0 = pid_m * BLOCK_M
+    if m0 < seqlen_q:
+        b64 = off_b.to(tl.int64)
+        h64 = off_h.to(tl.int64)
+        hk64 = (off_h // group).to(tl.int64)
+        q0 = tl.full([], q_start, tl.int64)
+        k0 = tl.full([], k_start, tl.int64)
+        q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm, m0, seqlen_q, stride_qm,
+                       HEAD_D, BLOCK_M, BLOCK_D, HEAD_D != BLOCK_D)
+        do = _load_rows(DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom, m0, seqlen_q, stride_dom,
+                        HEAD_DV, BLOCK_M, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        lse2 = _load_lse2(Lse + b64 * stride_lb + h64 * stride_lh + q0, offs_m, seqlen_q)
+        delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
+        v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
+        if MASK_KIND != 0:
+            mask_base = Mask + b64 * stride_mb + h64 * stride_mh
+        else:
+            mask_base = Q  # never read
+        if MASK_GRAD:
+            dmask_base = DMask + (b64 * num_heads + h64) * seqlen_q * seqlen_k
+        else:
+            dmask_base = DQ  # never written
+        if ALIBI:
+            alibi_log2 = tl.load(Slopes + b64 * stride_ab + h64 * stride_ah) * LOG2E
+        else:
+            alibi_log2 = 0.0
+        diag = seqlen_k - seqlen_q
+        lo, full_lo, full_hi, hi = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if HAS_LEFT:  # keys left of the window's left side: masked tiles
+            dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo, full_lo,
+                           m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                           qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
+                           dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                           True, SOFTCAP, ALIBI, MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, full_lo, full_hi,
+                       m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                       qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
+                       dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                       False, SOFTCAP, ALIBI, MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
+        # the diagonal / window's right side and the ragged last key block
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, full_hi, hi,
+                       m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                       qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
+                       dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                       True, SOFTCAP, ALIBI, MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
+        dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm
+        _store_rows(dq_base, dq * scale, m0, seqlen_q, stride_dqm, HEAD_D, BLOCK_M, BLOCK_D)

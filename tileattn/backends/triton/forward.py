@@ -1,0 +1,278 @@
+"""Triton flash-attention forward: one kernel family for dense and varlen, every API.md feature.
+
+Layout: q (B, Sq, Hq, D) / k (B, Sk, Hkv, D) / v (B, Sk, Hkv, Dv) with any strides (last dim
+stride 1), or varlen q (Tq, Hq, D) / k, v (Tk, Hkv, D[v]) with int32 cu_seqlens read on device.
+Returns out (B, Sq, Hq, Dv) contiguous in q.dtype [varlen (Tq, Hq, Dv)] and lse float32
+(B, Hq, Sq) [varlen (Hq, Tq)], natural log. Query head h reads kv head h // (Hq // Hkv).
+
+One program owns BLOCK_M query rows of one (batch or sequence, query head). The 1-D grid puts
+the row block fastest, so programs running together share one head's K/V in L2. Causal and
+window calls walk only the key blocks that hold kept keys (``common.block_ranges``) and
+split them into masked edge tiles and fully kept middle tiles that skip the keep arithmetic::
+
+    Sq=4, Sk=6 causal (bottom-right, diag = 2):   row 0  x x x . . .
+                                                  row 1  x x x x . .
+                                                  row 3  x x x x x x
+
+Every feature is a ``tl.constexpr`` so the plain path compiles none of their code.
+``tileattn.plan`` picks blocks, warps, stages and the Hopper TMA path; see ``plan.describe``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from tileattn import plan as _plan
+from tileattn.backends.triton.common import (LN2, LOG2E, block_ranges, dropout_keep, keep_tile,
+                                             load_mask_tile, score_log2, softmax_step)
+
+
+@triton.jit
+def _load_rows(base, start, nrows, stride_row, ncols,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load rows [start, start+BLOCK_R) x cols [0, BLOCK_C) of a (nrows, ncols) row-major view; 0 outside."""
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    ptrs = base + start.to(tl.int64) * stride_row + rows[:, None] * stride_row + cols[None, :]
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=((start + rows) < nrows)[:, None] & (cols < ncols)[None, :], other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=((start + rows) < nrows)[:, None], other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=(cols < ncols)[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, lo, hi,
+               m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+               qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
+               dropout_p, seed, off_h, off_b,
+               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+               USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Fold key tiles [lo, hi) into (acc, l_i, m_i). EDGE: tiles may hold dropped keys (keep_tile)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        if USE_TMA:
+            k = k_src.load([start_n, 0])
+        else:
+            k = _load_rows(k_src, start_n, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, EDGE, HEAD_D != BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if MASK_KIND != 0:
+            mask_tile = load_mask_tile(mask_base, m0, start_n, stride_mm, stride_mn, seqlen_q, seqlen_k,
+                                       BLOCK_M, BLOCK_N)
+        else:
+            mask_tile = 0
+        if SOFTCAP or ALIBI or MASK_KIND == 2:
+            x = score_log2(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2,
+                           mask_tile, SOFTCAP, ALIBI, MASK_KIND)
+            x_scale = 1.0
+        else:
+            x = qk
+            x_scale = qk_scale
+        if EDGE:
+            x = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                         x, float("-inf"))
+        if MASK_KIND == 1:
+            x = tl.where(mask_tile != 0, x, float("-inf"))
+        p, alpha, m_i, l_i = softmax_step(x, x_scale, m_i, l_i, EDGE or MASK_KIND != 0)
+        acc = acc * alpha[:, None]
+        if USE_TMA:
+            v = v_src.load([start_n, 0])
+        else:
+            v = _load_rows(v_src, start_n, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, EDGE, HEAD_DV != BLOCK_DV)
+        if DROPOUT:
+            p = tl.where(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b), p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
+                stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
+                stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
+                num_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_q,
+                qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
+                tune_sq, tune_sk,
+                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
+                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
+                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,). tune_sq/tune_sk: autotune key only."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
+    off_bh = pid // num_m
+    m_blk = pid % num_m
+    if HAS_RIGHT:
+        m_blk = num_m - 1 - m_blk  # causal-like: the longest rows (last blocks) start first
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    off_hk = off_h // group
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + off_b)
+        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + off_b)
+        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    else:
+        seqlen_q = seqlen_q_dense
+        seqlen_k = seqlen_k_dense
+    m0 = m_blk * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    l_base = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
+    if IS_VARLEN:
+        q_base += q_start.to(tl.int64) * stride_qm
+        o_base += q_start.to(tl.int64) * stride_om
+        l_base += q_start.to(tl.int64)
+        k_base += k_start.to(tl.int64) * stride_kn
+        v_base += k_start.to(tl.int64) * stride_vn
+    if MASK_KIND != 0:
+        mask_base = Mask + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+    else:
+        mask_base = Q
+    if USE_TMA:
+        # Per-program descriptors bounded by this sequence: TMA zero-fills rows >= seqlen and
+        # columns >= HEAD_D, and clips the output store the same way.
+        nk = tl.maximum(seqlen_k, 1)
+        q_src = tl.make_tensor_descriptor(q_base, [seqlen_q, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        k_src = tl.make_tensor_descriptor(k_base, [nk, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, [nk, HEAD_DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
+        q = q_src.load([m0, 0])
+    else:
+        k_src = k_base
+        v_src = v_base
+        q = _load_rows(q_base, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, True, HEAD_D != BLOCK_D)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    diag = seqlen_k - seqlen_q
+    if SINKS:  # [Note] empty rows (common.py): the sink starts the running max and the sum
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + off_h) * 1.4426950408889634
+        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
+    else:
+        m_i = tl.zeros([BLOCK_M], tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if ALIBI:
+        alibi_log2 = tl.load(Slopes + off_b.to(tl.int64) * stride_ab + off_h * stride_ah) * 1.4426950408889634
+    else:
+        alibi_log2 = 0.0
+
+    lo, full_lo, full_hi, hi = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
+                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if HAS_LEFT:  # left edge: tiles cut by the window's left side
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, lo, full_lo,
+                                   m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                                   qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
+                                   dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
+                                   BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT,
+                                   DROPOUT, USE_TMA, WARP_SPEC, DOT_PREC)
+    # middle: every key of every row kept (no keep arithmetic, unmasked loads)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, full_lo, full_hi,
+                               m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                               qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
+                               dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
+                               BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT,
+                               DROPOUT, USE_TMA, WARP_SPEC, DOT_PREC)
+    # right edge: the diagonal / window's right side and the ragged last key tile
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, full_hi, hi,
+                               m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                               qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
+                               dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
+                               BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT,
+                               DROPOUT, USE_TMA, WARP_SPEC, DOT_PREC)
+
+    # epilogue, [Note] empty rows: l_i == 0 -> out 0, lse -inf
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # l_i == 0 implies acc == 0
+    inv_l = 1.0 / l_safe
+    if DROPOUT:
+        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
+    out = (acc * inv_l[:, None]).to(Out.dtype.element_ty)
+    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(l_base + offs_m, lse, mask=offs_m < seqlen_q)
+    if USE_TMA:
+        o_dst = tl.make_tensor_descriptor(o_base, [seqlen_q, HEAD_DV], [stride_om, 1], [BLOCK_M, BLOCK_DV])
+        o_dst.store([m0, 0], out)
+    else:
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_DV)
+        o_ptrs = o_base + m0.to(tl.int64) * stride_om + rows[:, None] * stride_om + cols[None, :]
+        tl.store(o_ptrs, out, mask=(offs_m < seqlen_q)[:, None] & (cols < HEAD_DV)[None, :])
+
+
+def _strides(t, varlen):
+    """(batch, seq, head) strides; varlen tensors (T, H, D) get batch stride 0."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def run_forward(q, k, v, fplan, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed,
+                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Launch the forward with an explicit ``plan.FwdPlan`` (the contract's ``forward`` plans first)."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        total_q, hq, _ = q.shape
+        batch = cu_seqlens_q.numel() - 1
+        if max_seqlen_q is None:  # host sync; the API passes it
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch > 0 else 0
+        seqlen_q = seqlen_k = 0
+        out = torch.empty((total_q, hq, v.shape[-1]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
+        stride_lb, stride_lh = 0, lse.stride(0)
+        tune_sk = max_seqlen_k if max_seqlen_k is not None else max_seqlen_q
+    else:
+        batch, seqlen_q, hq, _ = q.shape
+        seqlen_k = k.shape[1]
+        max_seqlen_q = seqlen_q
+        out = torch.empty((batch, seqlen_q, hq, v.shape[-1]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, hq, seqlen_q), dtype=torch.float32, device=q.device)
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
+        tune_sk = seqlen_k
+    if out.numel() == 0 or max_seqlen_q == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    window_left, window_right = window
+    mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
+    kernel = _plan.forward_kernel(_fwd_kernel, fplan)
+    kernel[grid](
+        q, k, v, out, lse, sinks, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+        stride_lb, stride_lh,
+        *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
+        *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)),
+        hq, hq // k.shape[-2], seqlen_q, seqlen_k, max_seqlen_q,
+        scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
+        window_left, window_right, float(dropout_p), int(seed) if dropout_p > 0 else 0,
+        _plan.bucket(max_seqlen_q), _plan.bucket(tune_sk),
+        HEAD_D=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_D=fplan.block_d, BLOCK_DV=fplan.block_dv,
+        IS_VARLEN=varlen, SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SINKS=sinks is not None,
+        DROPOUT=dropout_p > 0, USE_TMA=fplan.use_tma, WARP_SPEC=fplan.warp_specialize,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        **fplan.launch_kwargs(),
+    )
+    return out, lse
+
+
+def forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed,
+            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Backend-contract forward (see ``tileattn.backends``) -> (out, lse)."""
+    fplan = _plan.forward_plan(q, k, v, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                               sinks=sinks, attn_mask=attn_mask, dropout_p=dropout_p,
+                               varlen=cu_seqlens_q is not None)
+    return run_forward(q, k, v, fplan, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                       sinks=sinks, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
+                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                       max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)

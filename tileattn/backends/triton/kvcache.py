@@ -1,0 +1,109 @@
+"""Triton ``forward_kvcache``: append new k/v, then split-KV attention (plan + run).
+
+Plan: block sizes, row blocks and the split count depend on shapes, dtype, cache capacity
+and the SM count only -- never on device values -- so one plan serves every layer of a
+decode step and a captured CUDA graph can be replayed with new ``cache_seqlens``.
+Run: :func:`~.cache_append.append_kv` (when new k/v are given), then
+:func:`~.decode.decode_attention` (+ the combine kernel when the plan has several splits).
+
+    >>> q = torch.randn(2, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    >>> kc, vc = (torch.zeros(2, 4096, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    >>> kn, vn = (torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    >>> seqlens = torch.tensor([17, 4000], dtype=torch.int32, device="cuda")
+    >>> out, lse = forward_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=None,
+    ...     scale=128 ** -0.5, window=(-1, 0), softcap=0.0, alibi_slopes=None, sinks=None,
+    ...     num_splits=0)   # out (2, 1, 32, 128) bf16, lse (2, 32, 1) fp32
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .cache_append import append_kv
+from .decode import decode_attention
+
+PROGRAMS_PER_SM = 3  # split until B * Hkv * row blocks * splits reaches ~3 programs per SM
+MIN_KEYS_PER_SPLIT = 256  # below this a split's prologue/epilogue outweighs its KV reads
+MAX_SPLITS = 128
+SMEM_PER_STAGE = 32 * 1024  # bytes of K + V tile per pipeline stage (3 stages fit with room)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Launch shape of one decode call: grid (B * Hkv, num_splits, m_blocks)."""
+
+    block_m: int  # packed rows (Sn * G) per program, >= 16 for tl.dot
+    block_n: int  # keys per inner-loop tile
+    m_blocks: int  # row blocks: cdiv(Sn * G, block_m)
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+def choose_num_splits(batch, hkv, max_seqlen_k_capacity, num_sms, *, m_blocks=1):
+    """Split count for flash-decoding from host-known sizes only.
+
+    One split while ``batch * hkv * m_blocks`` programs already give ~PROGRAMS_PER_SM per SM;
+    otherwise enough splits to get there, but no split shorter than MIN_KEYS_PER_SPLIT keys
+    of capacity, and at most MAX_SPLITS. E.g. on 132 SMs with Hkv = 8: batch 1 x 4k -> 16,
+    batch 1 x 32k -> 50, batch 16 -> 4, batch 64 -> 1.
+    """
+    programs = batch * hkv * m_blocks
+    splits = triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
+    return max(1, min(splits, max_seqlen_k_capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few programs keep CPU tests fast
+
+
+@functools.lru_cache(maxsize=256)
+def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, num_splits, device):
+    rows = Sn * (Hq // Hkv)
+    width = triton.next_power_of_2(D) + triton.next_power_of_2(Dv)
+    if elt_size == 4:  # fp32: ieee dots run on FMA from registers; larger tiles spill (ptxas)
+        block_m, block_n = 16, 64 if width <= 128 else 16
+    else:
+        block_m = min(64, max(16, triton.next_power_of_2(rows)))
+        block_n = 64
+        while block_n > 16 and block_n * width * elt_size > SMEM_PER_STAGE:
+            block_n //= 2
+    m_blocks = triton.cdiv(rows, block_m)
+    if num_splits <= 0:
+        num_splits = choose_num_splits(B, Hkv, capacity, _num_sms(device), m_blocks=m_blocks)
+    num_warps = 8 if block_m * triton.next_power_of_2(max(D, Dv)) > 64 * 128 else 4
+    return DecodePlan(block_m, block_n, m_blocks, num_splits, num_warps, num_stages=3)
+
+
+def plan_kvcache(q, k_cache, v_cache, block_table, num_splits=0):
+    """DecodePlan for q (B, Sn, Hq, D) over these caches (cached by shapes; no device reads).
+
+    Capacity per sequence: Smax for a contiguous cache, max_blocks * page_size when paged.
+    ``num_splits`` > 0 is kept as given; 0 asks :func:`choose_num_splits`.
+    """
+    B, Sn, Hq, D = q.shape
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    return _make_plan(B, Sn, Hq, k_cache.shape[2], D, v_cache.shape[3], k_cache.element_size(),
+                      capacity, int(num_splits), q.device)
+
+
+def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, scale, window,
+                    softcap, alibi_slopes, sinks, num_splits):
+    """Backend contract (see ``tileattn.backends``): append k_new/v_new in place, then attend.
+
+    q (B, Sn, Hq, D); caches (B, Smax, Hkv, D[v]) or paged (num_blocks, page_size, Hkv, D[v])
+    with block_table int32 (B, max_blocks); k_new/v_new None or (B, Sn, Hkv, D[v]);
+    cache_seqlens int32 (B,) on device. Query head h reads KV head h // (Hq // Hkv).
+    Returns out (B, Sn, Hq, Dv) in q.dtype and lse (B, Hq, Sn) float32.
+    """
+    if k_new is not None:
+        append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    plan = plan_kvcache(q, k_cache, v_cache, block_table, num_splits)
+    return decode_attention(q, k_cache, v_cache, cache_seqlens, block_table,
+                            q.shape[1] if k_new is not None else 0, scale=scale, window=window,
+                            softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, plan=plan)
