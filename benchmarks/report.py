@@ -4,8 +4,9 @@ One table per (set, device, dtype, mode). Dense cells are TFLOP/s (GFLOP/s on CP
 cells are microseconds per call and GB/s (do_bench; ``graph`` = CUDA-graph replay); memory
 rows give the peak MiB beyond the inputs. ``ours/X`` columns are tileattn's throughput over
 peer X's on the same inputs (> 1: tileattn is faster); paged decode rows are compared with
-the contiguous rows of the same shape. Rows whose forward differs from the fp32 reference by
-more than ``registry.ERR_LIMIT`` are listed under "CHECK FAILED", skipped ones with reasons.
+the contiguous rows of the same shape. Before the tables: rows whose forward differs from the
+fp32 reference by more than ``registry.ERR_LIMIT`` ("CHECK FAILED"), and skipped rows with
+their reasons (cut to 200 characters; the JSON has them whole).
 """
 
 import json
@@ -119,8 +120,9 @@ def _skips(rows) -> list:
     seen = defaultdict(list)
     for r in rows:
         if r["status"] != "ok":
-            seen[(r["provider"], r.get("reason", ""))].append(f"{r['mode']} {_shape(r)}")
-    return [f"- {p} skipped {len(v)}x (e.g. {v[0]}): {reason}" for (p, reason), v in seen.items()]
+            mode = "" if r["mode"] == r["kind"] else r["mode"] + " "
+            seen[(r["provider"], r.get("reason", ""))].append(mode + _shape(r))
+    return [f"- {p} skipped {len(v)}x (e.g. {v[0]}): {reason[:200]}" for (p, reason), v in seen.items()]
 
 
 def render(docs) -> str:
@@ -128,22 +130,23 @@ def render(docs) -> str:
     for doc in docs:
         rows = doc["rows"]
         parts.append(_machine(doc["machine"]))
+        errs = [r["rel_err"] for r in rows if r.get("rel_err") is not None]
+        checks = _checks(rows)
+        if checks or errs:
+            parts.append("\n".join(checks) if checks else
+                         f"All {len(errs)} forward checks within limits (max rel err {max(errs):.1e}).")
+        if _skips(rows):
+            parts.append("Skipped:\n" + "\n".join(_skips(rows)))
         groups = defaultdict(list)
         for r in rows:
             groups[(r["set"], r["kind"], r["device"], r["dtype"], r["mode"] if r["kind"] == "dense" else "")].append(r)
         for (set_name, kind, device, dtype, mode), g in groups.items():
-            unit = {"dense": "GFLOP/s" if device == "cpu" else "TFLOP/s", "decode": "us per call, GB/s of K+V+q+out",
+            unit = {"dense": "GFLOP/s" if device == "cpu" else "TFLOP/s", "decode": "us per call: do_bench / CUDA graph; GB/s of K+V+q+out",
                     "memory": "peak memory"}[kind]
             title = f"### {set_name}: {kind} {mode} {dtype} on {device} ({unit})".replace("  ", " ")
             body = {"dense": lambda: _dense(g, device == "cpu"), "decode": lambda: _decode(g),
                     "memory": lambda: _memory(g)}[kind]()
             parts.append(title + "\n\n" + body)
-        errs = [r["rel_err"] for r in rows if r.get("rel_err") is not None]
-        checks = _checks(rows)
-        parts.append("\n".join(checks) if checks else f"All {len(errs)} forward checks within limits"
-                     + (f" (max rel err {max(errs):.1e})." if errs else "."))
-        if _skips(rows):
-            parts.append("Skipped:\n" + "\n".join(_skips(rows)))
     return "\n\n".join(parts)
 
 

@@ -15,7 +15,7 @@
 #   TEST_TIMEOUT  cap for the test step in seconds (default 240)
 # Writes $OUT/{nvidia-smi.txt,tests.log,junit.xml,<set>.json,<set>.log,report.md}; the report
 # prints last. Each benchmark set may use the time left minus 90 s per later set (its
-# --budget is that less 45 s); measurements past the budget are recorded as skipped, and the
+# --budget leaves 45 s of that for the measurement in flight); measurements past the budget are recorded as skipped, and the
 # JSON is rewritten after every case, so a set cut short keeps what it measured. For full
 # prefill numbers give it a call of its own: TESTS=skip SETS=prefill.
 # Exit status: 1 when the tests failed or timed out, else 0 (benchmarks never fail the run).
@@ -47,7 +47,7 @@ if [ "$TESTS" != skip ]; then
   [ "$t" -gt "$TEST_TIMEOUT" ] && t=$TEST_TIMEOUT
   [ "$t" -lt 30 ] && t=30
   echo "== tests (timeout ${t}s): pytest ${mark_args[*]} ${test_args[*]} -x -q"
-  timeout -k 10 "$t" python3 -m pytest "${mark_args[@]}" "${test_args[@]}" -x -q -p no:cacheprovider \
+  timeout -k 10 "$t" python3 -m pytest ${mark_args[@]+"${mark_args[@]}"} "${test_args[@]}" -x -q -p no:cacheprovider \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/tests.log"
@@ -72,9 +72,10 @@ for i in "${!sets[@]}"; do
     echo "== bench $s: skipped, no time left"
     continue
   fi
-  echo "== bench $s (budget $((share - 45))s, hard limit ${share}s)"
+  budget=$((share > 90 ? share - 45 : share / 2))  # the last measurement may overrun its start
+  echo "== bench $s (budget ${budget}s, hard limit ${share}s)"
   timeout -k 10 "$share" python3 -m benchmarks.run --set "$s" --out "$OUT/$s.json" \
-    --budget $((share - 45)) "${bench_args[@]}" >"$OUT/$s.log" 2>&1
+    --budget "$budget" ${bench_args[@]+"${bench_args[@]}"} >"$OUT/$s.log" 2>&1
   rc=$?
   tail -n 2 "$OUT/$s.log"
   [ "$rc" -ne 0 ] && echo "bench $s: rc $rc (see $OUT/$s.log)"

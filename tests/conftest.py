@@ -13,6 +13,7 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25)
 settings.load_profile("ci")
 
+torch.set_num_threads(1)  # CI runs 2 xdist workers on 2 cores; small matmuls thrash otherwise
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -194,13 +194,12 @@ def test_varlen_all_empty_keys():
 def test_noncontiguous_bitwise():
     """(B,H,S,D) views of q/k/v and non-contiguous dout (transposed; last-dim stride 0) give
     bitwise the gradients of contiguous inputs."""
-    torch.manual_seed(1)
-    a = make_qkv(2, 37, 45, 4, 2, 32, dtype=torch.float16, device=DEVICE, layout="bhsd")
+    a = make_qkv(1, 37, 45, 2, 1, 32, dtype=torch.float16, device=DEVICE, layout="bhsd")
     b = [t.contiguous() for t in a]
-    kw = _features(dict(window=(-1, 0), alibi=True), 2, 37, 45, 4, 32, torch.float16, DEVICE)
+    kw = _features(dict(window=(-1, 0), alibi=True), 1, 37, 45, 2, 32, torch.float16, DEVICE)
     out, lse = forward(*b, **kw)
-    dout_t = torch.randn(2, 4, 37, 32, dtype=torch.float16, device=DEVICE).transpose(1, 2)
-    dout_e = torch.randn(2, 37, 4, 1, dtype=torch.float16, device=DEVICE).expand(2, 37, 4, 32)
+    dout_t = torch.randn(1, 2, 37, 32, dtype=torch.float16, device=DEVICE).transpose(1, 2)
+    dout_e = torch.randn(1, 37, 2, 1, dtype=torch.float16, device=DEVICE).expand(1, 37, 2, 32)
     for dout in (dout_t, dout_e):
         ref = backward(dout.contiguous(), *b, out, lse, deterministic=False, mask_grad=False, **kw)
         got = backward(dout, *a, out, lse, deterministic=False, mask_grad=False, **kw)

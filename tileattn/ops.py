@@ -76,10 +76,12 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                     window_left, window_right, softcap, sinks, dropout_p, seed, cu_seqlens_k)
     dq, dk, dv, dsinks, dmask = backends.get(backend).backward(
         dout, q, k, v, out, lse, deterministic=deterministic, mask_grad=mask_grad, **kw)
-    empty = q.new_empty(_EMPTY, dtype=torch.float32)
+    def empty():
+        return q.new_empty(_EMPTY, dtype=torch.float32)
+
     return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
-            empty if dsinks is None else dsinks.float().contiguous(),
-            empty if dmask is None else dmask.float().contiguous())
+            empty() if dsinks is None else dsinks.float().contiguous(),
+            empty() if dmask is None else dmask.float().contiguous())
 
 
 @attention_bwd.register_fake

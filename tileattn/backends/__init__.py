@@ -54,8 +54,23 @@ dtypes follow ``../shared/design/API.md``; ``tileattn.reference`` is the same in
 import importlib
 
 BACKENDS = ("cpu", "triton", "reference")
+_MODULES = {}
+_ERRORS = {}
+
+
+def _load_all() -> None:
+    """Import every backend once, at package import, so `get` stays a dict lookup that
+    torch.compile can trace; a backend that fails to import records why."""
+    for name in BACKENDS:
+        path = "tileattn.reference" if name == "reference" else f"tileattn.backends.{name}"
+        try:
+            _MODULES[name] = importlib.import_module(path)
+        except ImportError as err:
+            _ERRORS[name] = err
 
 
 def get(name: str):
-    """Return the backend module for ``name`` (one of BACKENDS)."""
-    return importlib.import_module(f"tileattn.backends.{name}" if name != "reference" else "tileattn.reference")
+    """Return the backend module for ``name`` (one of BACKENDS); ImportError if unavailable."""
+    if name not in _MODULES:
+        raise ImportError(str(_ERRORS.get(name, f"unknown backend {name!r}")))
+    return _MODULES[name]

@@ -72,14 +72,16 @@ _DQ = {
 }
 
 
-def _configs(table, t, block_d, block_dv):
-    """Candidate configs for tensors like ``t``; one (the default) with TILEATTN_AUTOTUNE=0."""
+def _configs(table, t, block_d, block_dv, work):
+    """Candidate configs for tensors like ``t``; only the default one with TILEATTN_AUTOTUNE=0 or
+    when ``work`` (bucketed Sq * Sk) is below 512 x 512: small calls are launch-bound, and
+    timing them would only add compiles."""
     if t.device.type != "cuda":
         return table[("interpreter", "", 0)]
     width = "32" if t.dtype == torch.float32 else "16"
     target = "sm_90" if width == "16" and torch.cuda.get_device_capability(t.device)[0] >= 9 else "cuda"
     configs = table[(target, width, max(64, block_d, block_dv))]
-    return configs[:1] if os.environ.get("TILEATTN_AUTOTUNE") == "0" else configs
+    return configs[:1] if os.environ.get("TILEATTN_AUTOTUNE") == "0" or work < 512 * 512 else configs
 
 
 def _smem(c, rows_per_step, fixed_rows, block_d, block_dv, es):
@@ -170,9 +172,10 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
 
     head_d, head_dv = q.shape[-1], v.shape[-1]
     block_d, block_dv = max(16, triton.next_power_of_2(head_d)), max(16, triton.next_power_of_2(head_dv))
-    _bwd_preprocess[(triton.cdiv(max_seqlen_q, 64), batch * hq)](
+    pre_m = min(128, 8192 // block_dv)  # 8k elements per tile: no register spills at Dv = 256
+    _bwd_preprocess[(triton.cdiv(max_seqlen_q, pre_m), batch * hq)](
         out, dout, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(dout, varlen), stride_lb, stride_lh,
-        hq, seqlen_q, HEAD_DV=head_dv, BLOCK_M=64, BLOCK_DV=block_dv, IS_VARLEN=varlen)
+        hq, seqlen_q, HEAD_DV=head_dv, BLOCK_M=pre_m, BLOCK_DV=block_dv, IS_VARLEN=varlen)
 
     left, right = window
     mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
@@ -187,13 +190,14 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     scalars = (scale, scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E, left, right,
                float(dropout_p), int(seed) if dropout_p > 0 else 0, _bucket(max_seqlen_q), _bucket(max_seqlen_k))
 
-    kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv), features)
+    work = _bucket(max_seqlen_q) * _bucket(max_seqlen_k)
+    kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv, work), features)
     kernel[lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), batch * hkv)](
         q, k, v, dout, lse, delta, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
         *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
         hkv, hq // hkv, seqlen_q, seqlen_k, *scalars, **flags, **meta)
 
-    kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv), features)
+    kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv, work), features)
     kernel[lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), batch * hq)](
         q, k, v, dout, lse, delta, dq, dmask, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
         *common, *_strides(dq, varlen), *tail,
