@@ -107,13 +107,15 @@ def _checks(rows) -> list:
     for r in rows:
         limit = ERR_LIMIT.get(r["dtype"], 1e-2)
         if r.get("rel_err") is not None and not r["rel_err"] <= limit:
-            out.append(f"- CHECK FAILED: {r['provider']} {r['mode']} {_shape(r)}: rel err {r['rel_err']:.2e} > {limit:g}")
+            out.append(f"- CHECK FAILED: {r['provider']} {r['mode']} {_shape(r)}: "
+                       f"rel err {r['rel_err']:.2e} > {limit:g}")
     return out
 
 
 def _shape(r) -> str:
     page = f" page={r['page']}" if r.get("page") else ""
-    return f"{r['kind']} B={r['B']} Sq={r['Sq']} Sk={r['Sk']} H={r['Hq']}/{r['Hkv']} D={r['D']}{page} causal={r['causal']}"
+    return (f"{r['kind']} B={r['B']} Sq={r['Sq']} Sk={r['Sk']} H={r['Hq']}/{r['Hkv']} D={r['D']}{page} "
+            f"causal={r['causal']}")
 
 
 def _skips(rows) -> list:
@@ -141,8 +143,9 @@ def render(docs) -> str:
         for r in rows:
             groups[(r["set"], r["kind"], r["device"], r["dtype"], r["mode"] if r["kind"] == "dense" else "")].append(r)
         for (set_name, kind, device, dtype, mode), g in groups.items():
-            unit = {"dense": "GFLOP/s" if device == "cpu" else "TFLOP/s", "decode": "us per call: do_bench / CUDA graph; GB/s of K+V+q+out",
-                    "memory": "peak memory"}[kind]
+            unit = {"dense": "GFLOP/s" if device == "cpu" else "TFLOP/s", "memory": "peak memory",
+                    "decode": ("us per call" if device == "cpu" else "us per call: do_bench / CUDA graph")
+                    + "; GB/s of K+V+q+out"}[kind]
             title = f"### {set_name}: {kind} {mode} {dtype} on {device} ({unit})".replace("  ", " ")
             body = {"dense": lambda: _dense(g, device == "cpu"), "decode": lambda: _decode(g),
                     "memory": lambda: _memory(g)}[kind]()

@@ -2,11 +2,13 @@
 
 ``plan.describe(q, k, v, causal=True)`` answers "what will run" without running it::
 
-    >>> print(tileattn.plan.describe(q, k, v, causal=True))   # q, k, v bf16 (2, 4096, 16, 128) on an H100
+    >>> print(tileattn.plan.describe(q, k, v, causal=True))   # bf16 (2, 4096, 16, 128) on an H100
     tileattn forward plan: sm_90 (NVIDIA H100 80GB HBM3), torch.bfloat16, D=128 (block 128), Dv=128 (block 128)
-      features: causal/window (right=0)
+      features: causal/window (-1, 0)
       loads: TMA tensor descriptors: sm_90, 16-bit dtype, 16-byte aligned pointers and strides
-      ...
+      configs (autotuned once per Sq/Sk power-of-two bucket):
+        BLOCK_M=128 BLOCK_N=64 warps=8 stages=3  -- Flex H100 bf16 D=128: two warpgroups share 128 rows, ...
+        ...
 
 Choices, in order:
 
@@ -21,8 +23,11 @@ Choices, in order:
    configs that cannot fit or cannot help. One config means no timing.
 
 Environment knobs (for measuring, not for users): ``TILEATTN_AUTOTUNE=0`` uses each list's first
-(default) entry; ``TILEATTN_TMA=0`` forces pointer loads; ``TILEATTN_WARP_SPECIALIZE=1`` turns on
-``tl.range(..., warp_specialize=True)`` on the TMA path (off by default until measured).
+(default) entry; ``TILEATTN_TMA=0`` forces pointer loads.
+
+Not used: ``tl.range(..., warp_specialize=True)``. With triton 3.6 on sm_90 it only tags the loop
+(the compiled TTGIR has no warp-specialized partitions), so it changes nothing on Hopper; real
+producer/consumer warpgroups there need Gluon.
 """
 
 import os
@@ -47,31 +52,44 @@ class FwdConfig:
 
 
 _C = FwdConfig
-# (target, "16" | "32" bit dtype, head-dim block) -> configs, default first.
+# (target, "16" | "32" bit dtype, head-dim block) -> configs, default first. sm_90 entries were
+# compiled for sm_90 with triton 3.6 (cuobjdump): all use HGMMA, none spills registers.
 _CONFIGS = {
     ("sm_90", "16", 64): (
-        _C(128, 128, 4, 3, "Flex/tutorial H100 choice for D=64: 128x128 tile, one warpgroup"),
-        _C(128, 64, 4, 4, "smaller key tile, deeper pipeline"),
+        _C(128, 64, 4, 3, "one warpgroup, 189-252 regs and 66 KB smem: two CTAs per SM"),
+        _C(128, 128, 8, 3, "Flex/tutorial-sized 128x128 tile on two warpgroups"),
+        _C(128, 64, 4, 4, "deeper K/V pipeline"),
     ),
     ("sm_90", "16", 128): (
-        _C(128, 64, 8, 3, "Flex H100 bf16 D=128: two warpgroups share the 128 rows"),
-        _C(128, 128, 8, 3, "Flex H100 fp16 D=128: larger key tile, fewer softmax rescales"),
-        _C(128, 64, 4, 3, "one warpgroup: fewer registers for acc, more CTAs per SM"),
+        _C(128, 64, 8, 3, "Flex H100 bf16 D=128: two warpgroups share 128 rows, 148-167 regs"),
+        _C(128, 128, 8, 3, "Flex H100 fp16 D=128: fewer softmax rescales, 225 KB smem, 190-255 regs"),
+        _C(64, 64, 4, 3, "one warpgroup, 64 rows: short or ragged queries, more CTAs"),
     ),
     ("sm_90", "16", 256): (
-        _C(64, 64, 4, 2, "D=256: acc 64x256 fp32 fits one warpgroup's registers"),
-        _C(128, 64, 8, 2, "two warpgroups, 128 rows: halves K/V re-reads"),
+        _C(64, 64, 4, 2, "D=256: acc 64x256 fp32 in one warpgroup, 161 KB smem"),
+        _C(128, 64, 8, 2, "two warpgroups, 128 rows: halves K/V re-reads, 192 KB smem"),
         _C(64, 32, 4, 3, "Flex H100 D=256 choice"),
     ),
     ("cuda", "16", 64): (_C(128, 64, 4, 3, "Ampere-class default (Flex A100 D=64)"),),
     ("cuda", "16", 128): (_C(128, 64, 8, 3, "Ampere-class default (Flex A100 D=128)"),
                           _C(64, 64, 4, 3, "fewer registers per CTA")),
     ("cuda", "16", 256): (_C(64, 32, 4, 2, "D=256: small tiles to fit registers and shared memory"),),
-    ("cuda", "32", 64): (_C(64, 32, 4, 2, "fp32 with ieee dots runs on FMA units: small tiles"),),
-    ("cuda", "32", 128): (_C(32, 32, 4, 2, "fp32 with ieee dots runs on FMA units: small tiles"),),
-    ("cuda", "32", 256): (_C(32, 16, 4, 2, "fp32, D=256: the smallest tile tl.dot allows in N"),),
+    # fp32 uses ieee dots, i.e. FMA units: larger tiles spill (32x32 at D=128: 904 B of stack).
+    ("cuda", "32", 64): (_C(32, 16, 4, 2, "fp32 ieee dots on FMA units: 80 regs, no spills"),),
+    ("cuda", "32", 128): (_C(32, 16, 4, 2, "fp32 ieee dots on FMA units: 148 regs, no spills"),),
+    ("cuda", "32", 256): (_C(16, 16, 4, 2, "fp32, D=256: 186 regs, no spills"),),
     ("interpreter", "16", 0): (_C(64, 32, 4, 1, "interpreter: few programs, several key tiles on short tests"),),
     ("interpreter", "32", 0): (_C(64, 32, 4, 1, "interpreter: few programs, several key tiles on short tests"),),
+}
+for _d in (64, 128, 256):
+    _CONFIGS[("sm_90", "32", _d)] = _CONFIGS[("cuda", "32", _d)]
+# attn_mask tiles (one pointer and value per score) and the full feature set spill at BLOCK_N=64
+# (56-280 B of stack at D=64/128); BLOCK_N=32 compiles spill-free.
+_MASK_CONFIGS = {
+    64: (_C(128, 32, 8, 3, "attn_mask at D<=64: 128x32 on two warpgroups, 157-198 regs, no spills"),
+         _C(128, 32, 4, 3, "attn_mask, one warpgroup: 232-255 regs, no spills")),
+    128: (_C(128, 32, 8, 3, "attn_mask at D=128: 188-255 regs, no spills (128x64 spills)"),
+          _C(64, 32, 4, 3, "attn_mask, one warpgroup: 185-253 regs, no spills")),
 }
 
 
@@ -129,7 +147,6 @@ class FwdPlan:
     features: tuple
     use_tma: bool
     loads_why: str
-    warp_specialize: bool
     configs: tuple
     autotune: bool
 
@@ -145,7 +162,6 @@ class FwdPlan:
                  f"Dv={self.head_dim_v} (block {self.block_dv})",
                  f"  features: {', '.join(self.features) or 'plain'}",
                  f"  loads: {self.loads_why}",
-                 f"  warp specialization: {'on' if self.warp_specialize else 'off'}",
                  "  configs (" + ("autotuned once per Sq/Sk power-of-two bucket" if self.autotune else "fixed") + "):"]
         lines += [f"    {c}  -- {c.why}" for c in self.configs]
         return "\n".join(lines)
@@ -173,11 +189,12 @@ def forward_plan(q, k, v, *, window=(-1, -1), softcap=0.0, alibi_slopes=None, si
     if configs is None:
         dkey = 0 if target == "interpreter" else max(64, max(block_d, block_dv))
         configs = _CONFIGS[(target, width, dkey)]
+        if attn_mask is not None and target == "sm_90" and width == "16" and dkey in _MASK_CONFIGS:
+            configs = _MASK_CONFIGS[dkey]
         if os.environ.get("TILEATTN_AUTOTUNE") == "0":
             configs = configs[:1]
-    warp_spec = use_tma and target == "sm_90" and os.environ.get("TILEATTN_WARP_SPECIALIZE") == "1"
     return FwdPlan(target, device, q.dtype, q.shape[-1], v.shape[-1], block_d, block_dv, features,
-                   bool(use_tma), loads_why, warp_spec, tuple(configs), target != "interpreter" and len(configs) > 1)
+                   bool(use_tma), loads_why, tuple(configs), target != "interpreter" and len(configs) > 1)
 
 
 def describe(q, k, v, *, causal=False, window=(-1, -1), **features) -> str:
@@ -193,7 +210,7 @@ def _prune(configs, named_args, **kwargs):
     - shared memory: q tile + num_stages K/V tiles above the device's per-block limit fail to launch;
     - BLOCK_M above the (bucketed) query length computes only padding rows.
     """
-    q, v = named_args["Q"], named_args["V"]
+    q = named_args["Q"]
     es = q.element_size()
     limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
     bd, bdv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
@@ -211,7 +228,7 @@ def forward_kernel(kernel, fplan: FwdPlan):
     """The kernel to launch: ``kernel`` itself, or a cached autotuner over the plan's configs."""
     if not fplan.autotune:
         return kernel
-    key = (fplan.configs, fplan.features, fplan.block_d, fplan.block_dv, fplan.use_tma, fplan.warp_specialize)
+    key = (fplan.configs, fplan.features, fplan.block_d, fplan.block_dv, fplan.use_tma)
     if key not in _TUNED:
         cfgs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
                               num_stages=c.num_stages) for c in fplan.configs]

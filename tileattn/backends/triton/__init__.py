@@ -5,5 +5,6 @@ Runs compiled on CUDA (Hopper first-class) and, for CI, in the Triton interprete
 """
 
 from tileattn.backends.triton.forward import forward
+from tileattn.backends.triton.kvcache import forward_kvcache
 
-__all__ = ["forward"]
+__all__ = ["forward", "forward_kvcache"]

@@ -29,8 +29,7 @@ differentiate each piece: ALiBi and the float mask are additive, and softcap giv
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side; kernels spell the literal (jit code reads no plain globals)
 
 
 @triton.jit

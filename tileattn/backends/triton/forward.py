@@ -10,21 +10,24 @@ the row block fastest, so programs running together share one head's K/V in L2. 
 window calls walk only the key blocks that hold kept keys (``common.block_ranges``) and
 split them into masked edge tiles and fully kept middle tiles that skip the keep arithmetic::
 
-    Sq=4, Sk=6 causal (bottom-right, diag = 2):   row 0  x x x . . .
-                                                  row 1  x x x x . .
-                                                  row 3  x x x x x x
+    Sq=4, Sk=6 causal (bottom-right, diag = Sk - Sq = 2):   row 0  x x x . . .
+                                                            row 1  x x x x . .
+                                                            row 2  x x x x x .
+                                                            row 3  x x x x x x
 
 Every feature is a ``tl.constexpr`` so the plain path compiles none of their code.
 ``tileattn.plan`` picks blocks, warps, stages and the Hopper TMA path; see ``plan.describe``.
 """
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from tileattn import plan as _plan
-from tileattn.backends.triton.common import (LN2, LOG2E, block_ranges, dropout_keep, keep_tile,
-                                             load_mask_tile, score_log2, softmax_step)
+from tileattn.backends.triton.common import (LOG2E, block_ranges, dropout_keep, keep_tile, load_mask_tile,
+                                             score_log2, softmax_step)
 
 
 @triton.jit
@@ -54,10 +57,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, lo, hi,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-               USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PREC: tl.constexpr):
+               USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     """Fold key tiles [lo, hi) into (acc, l_i, m_i). EDGE: tiles may hold dropped keys (keep_tile)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         if USE_TMA:
@@ -94,7 +97,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, lo, hi,
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "max_seqlen_q", "window_left", "window_right",
+                               "seed", "tune_sq", "tune_sk"])
 def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                 stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
@@ -106,7 +110,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
-                USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PREC: tl.constexpr):
+                USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,). tune_sq/tune_sk: autotune key only."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
@@ -179,21 +183,21 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
                                    qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
                                    dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
                                    BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                                   DROPOUT, USE_TMA, WARP_SPEC, DOT_PREC)
+                                   DROPOUT, USE_TMA, DOT_PREC)
     # middle: every key of every row kept (no keep arithmetic, unmasked loads)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, full_lo, full_hi,
                                m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
                                qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
                                dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
                                BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                               DROPOUT, USE_TMA, WARP_SPEC, DOT_PREC)
+                               DROPOUT, USE_TMA, DOT_PREC)
     # right edge: the diagonal / window's right side and the ragged last key tile
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, full_hi, hi,
                                m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
                                qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
                                dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
                                BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                               DROPOUT, USE_TMA, WARP_SPEC, DOT_PREC)
+                               DROPOUT, USE_TMA, DOT_PREC)
 
     # epilogue, [Note] empty rows: l_i == 0 -> out 0, lse -inf
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # l_i == 0 implies acc == 0
@@ -218,51 +222,72 @@ def _strides(t, varlen):
     return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _tma_scratch(size: int, alignment: int, stream):
+    """``triton.set_allocator`` hook: global memory for the kernel's device-side TMA descriptors."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator():
+    """Device-side ``tl.make_tensor_descriptor`` needs an allocator; install ours only if none is set."""
+    try:
+        from triton.runtime import _allocation
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
+        triton.set_allocator(_tma_scratch)
+
+
+def _outputs(q, v, varlen, batch, seqlen_q, hq):
+    """out (B, Sq, Hq, Dv) / varlen (Tq, Hq, Dv) in q.dtype; lse fp32 (B, Hq, Sq) / varlen (Hq, Tq)."""
+    if varlen:
+        out = torch.empty((q.shape[0], hq, v.shape[-1]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((hq, q.shape[0]), dtype=torch.float32, device=q.device)
+        return out, lse, (0, lse.stride(0))
+    out = torch.empty((batch, seqlen_q, hq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, hq, seqlen_q), dtype=torch.float32, device=q.device)
+    return out, lse, (lse.stride(0), lse.stride(1))
+
+
 def run_forward(q, k, v, fplan, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed,
                 cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
     """Launch the forward with an explicit ``plan.FwdPlan`` (the contract's ``forward`` plans first)."""
     varlen = cu_seqlens_q is not None
+    hq = q.shape[-2]
     if varlen:
-        total_q, hq, _ = q.shape
-        batch = cu_seqlens_q.numel() - 1
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, 0, 0
         if max_seqlen_q is None:  # host sync; the API passes it
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch > 0 else 0
-        seqlen_q = seqlen_k = 0
-        out = torch.empty((total_q, hq, v.shape[-1]), dtype=q.dtype, device=q.device)
-        lse = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
-        stride_lb, stride_lh = 0, lse.stride(0)
-        tune_sk = max_seqlen_k if max_seqlen_k is not None else max_seqlen_q
+        tune_sk = max_seqlen_q if max_seqlen_k is None else max_seqlen_k
     else:
-        batch, seqlen_q, hq, _ = q.shape
-        seqlen_k = k.shape[1]
-        max_seqlen_q = seqlen_q
-        out = torch.empty((batch, seqlen_q, hq, v.shape[-1]), dtype=q.dtype, device=q.device)
-        lse = torch.empty((batch, hq, seqlen_q), dtype=torch.float32, device=q.device)
-        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
-        tune_sk = seqlen_k
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        max_seqlen_q, tune_sk = seqlen_q, seqlen_k
+    out, lse, lse_strides = _outputs(q, v, varlen, batch, seqlen_q, hq)
     if out.numel() == 0 or max_seqlen_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    window_left, window_right = window
+    # a window wider than any |i + off - j| (< 2^30) is the same window; clamping keeps i32 math exact
+    window_left, window_right = (w if w < 0 else min(w, 2**30) for w in window)
     mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
     kernel = _plan.forward_kernel(_fwd_kernel, fplan)
-    kernel[grid](
-        q, k, v, out, lse, sinks, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-        stride_lb, stride_lh,
-        *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
-        *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)),
-        hq, hq // k.shape[-2], seqlen_q, seqlen_k, max_seqlen_q,
-        scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
-        window_left, window_right, float(dropout_p), int(seed) if dropout_p > 0 else 0,
-        _plan.bucket(max_seqlen_q), _plan.bucket(tune_sk),
-        HEAD_D=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_D=fplan.block_d, BLOCK_DV=fplan.block_dv,
-        IS_VARLEN=varlen, SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SINKS=sinks is not None,
-        DROPOUT=dropout_p > 0, USE_TMA=fplan.use_tma, WARP_SPEC=fplan.warp_specialize,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        **fplan.launch_kwargs(),
-    )
+    if fplan.use_tma and q.is_cuda:
+        _ensure_tma_allocator()
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            q, k, v, out, lse, sinks, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *lse_strides,
+            *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
+            *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)),
+            hq, hq // k.shape[-2], seqlen_q, seqlen_k, max_seqlen_q,
+            scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
+            window_left, window_right, float(dropout_p), int(seed) if dropout_p > 0 else 0,
+            _plan.bucket(max_seqlen_q), _plan.bucket(tune_sk),
+            HEAD_D=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_D=fplan.block_d, BLOCK_DV=fplan.block_dv,
+            IS_VARLEN=varlen, SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
+            HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SINKS=sinks is not None,
+            DROPOUT=dropout_p > 0, USE_TMA=fplan.use_tma, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            **fplan.launch_kwargs(),
+        )
     return out, lse
 
 
