@@ -29,7 +29,8 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 BLOCK_ROWS = 256  # query rows per tile over the G packed heads (BLOCK_M = BLOCK_ROWS // G)
 BLOCK_N = 512  # keys per tile
-TILE_ELEMS = 1 << 21  # scores per tile over a slab (8 MiB fp32); dropout tiles use 1/8 of it
+TILE_ELEMS = 1 << 19  # scores per tile over a slab (2 MiB fp32); dropout tiles use 1/8 of it
+EXP2_SAFE = 64.0  # |s2| <= EXP2_SAFE everywhere: the forward may skip the running max
 NEG_INF = -math.inf
 
 
@@ -57,6 +58,7 @@ class Tiles:
     b0: int = 0
 
     def __post_init__(self):
+        self.buffer = Workspace()
         self.off = self.sk - self.sq
         self.block_m = max(1, BLOCK_ROWS // self.g)
         # alpha of q @ k^T: base-2 scores directly, or s / softcap for the tanh
@@ -94,23 +96,36 @@ class Tiles:
         for j0 in range(lo, hi, BLOCK_N):
             yield j0, min(j0 + BLOCK_N, hi)
 
+    def score_bound(self, q, kmax):
+        """Upper bound on |s2| over all tiles of q tile (Bc*Hc, R, D) fp32, given kmax = max_j |k_j|.
+
+        Cauchy-Schwarz (|q . k| <= |q| |k|), or c * log2(e) with softcap; inf when ALiBi or a
+        float mask make the scores unbounded. Masked (-inf) scores need no bound.
+        """
+        if self.alibi is not None or (self.attn_mask is not None and self.attn_mask.dtype != torch.bool):
+            return math.inf
+        if self.softcap > 0:
+            return self.softcap * LOG2E
+        return self.alpha * float(torch.linalg.vector_norm(q, dim=-1).max()) * kmax
+
     # ------------------------------------------------------------------ the pipeline
 
-    def scores(self, q, k, bs, hs, i0, i1, j0, j1, keep_tanh=False):
+    def scores(self, q, k, bs, hs, i0, i1, j0, j1, keep_x=False):
         """Base-2 scores of one tile, every API.md step before the softmax applied.
 
         q (Bc*Hc, R, D) fp32, k (Bc*Hc, N, D) fp32 -> (s2 (Bc*Hc, R, N) fp32 with dropped
-        positions at -inf, t) where t = tanh(s / softcap) (a separate tensor, for the
-        backward's softcap derivative) when ``keep_tanh`` and softcap > 0, else None.
+        positions at -inf, x) where x = s / softcap, the tanh argument (a separate tensor, for
+        the backward's softcap derivative), when ``keep_x`` and softcap > 0, else None.
         """
-        s = torch.baddbmm(_empty(q, k), q, k.transpose(1, 2), beta=0.0, alpha=self.alpha)
-        t = None
+        s = self.buffer("s", q.shape[0], q.shape[1], k.shape[1])
+        torch.baddbmm(s, q, k.transpose(1, 2), beta=0.0, alpha=self.alpha, out=s)
+        x = None
         if self.softcap > 0:  # 2. s = c * tanh(s / c), in base 2
-            s.tanh_()
-            if keep_tanh:
-                t, s = s, s * (self.softcap * LOG2E)
+            if keep_x:
+                x, s = s, torch.tanh(s, out=self.buffer("tanh", *s.shape))
             else:
-                s.mul_(self.softcap * LOG2E)
+                s.tanh_()
+            s.mul_(self.softcap * LOG2E)
         s5 = s.view(bs.stop - bs.start, hs.stop - hs.start, self.g, i1 - i0, j1 - j0)
         if self.alibi is not None:  # 3. s -= slope * |i + off - j|
             slopes = self.alibi[bs, hs.start * self.g:hs.stop * self.g].to(torch.float32)
@@ -127,7 +142,7 @@ class Tiles:
         keep = self._window_keep(i0, i1, j0, j1)  # 5. causal / window
         if keep is not None:
             s5.masked_fill_(keep.logical_not(), NEG_INF)
-        return s, t
+        return s, x
 
     def dropout_keep(self, bs, hs, i0, i1, j0, j1):
         """bool (Bc*Hc, R, N) keep-mask of ``_philox``'s stream for this tile, or None."""
@@ -162,9 +177,20 @@ class Tiles:
         return keep
 
 
-def _empty(q, k):
-    """Uninitialized (Bc*Hc, R, N) fp32 score buffer (the baddbmm input with beta = 0)."""
-    return torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32)
+class Workspace:
+    """Named fp32 tile buffers reused across tiles: a fresh multi-MiB tensor per tile costs
+    page faults that, on 2 threads, cut the matmul speed by 3x. A tensor returned for a name
+    is only valid until the next request of that name."""
+
+    def __init__(self):
+        self._flat = {}
+
+    def __call__(self, name, *shape):
+        n = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < n:
+            flat = self._flat[name] = torch.empty(n, dtype=torch.float32)
+        return flat[:n].view(shape)
 
 
 # ---------------------------------------------------------------------- layout moves

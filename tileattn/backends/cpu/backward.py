@@ -9,7 +9,7 @@ every key block the window reaches is recomputed from the saved lse (no autograd
     dP  = (dout @ v^T) * keep          / (1 - p)
     dS  = P * (dP - delta)                       dL/d(score after softcap, ALiBi and mask)
     dmask[tile] = dS                              (``mask_grad``)
-    dS *= 1 - tanh^2                              (softcap chain, when softcap > 0)
+    dS /= cosh^2(s / softcap)                     (softcap chain: 1 - tanh^2, accurately)
     dQ += dS @ k,  dK += dS^T @ q                 (times ``scale`` at the end)
 
 dK/dV of a kv head sum its G query heads for free: the G heads are rows of the same matmul.
@@ -100,21 +100,21 @@ def _rows(qt, dot, lse_r, delta, kh, vh, dkh, dvh, dmask, tiles, bs, hs, i0, i1)
     inv_keep = 1.0 / (1.0 - tiles.dropout_p)
     for j0, j1 in tiles.k_blocks(i0, i1):
         kt, vt = _tiles.kv_tile(kh, bs, hs, j0, j1), _tiles.kv_tile(vh, bs, hs, j0, j1)
-        s, t = tiles.scores(qt, kt, bs, hs, i0, i1, j0, j1, keep_tanh=True)
+        s, x = tiles.scores(qt, kt, bs, hs, i0, i1, j0, j1, keep_x=True)
         p = s.sub_(lse2).exp2_()
         keep = tiles.dropout_keep(bs, hs, i0, i1, j0, j1)
         pd = p if keep is None else p.masked_fill(keep.logical_not(), 0.0)
         dvt = _tiles.kv_tile(dvh, bs, hs, j0, j1)
         dvt.baddbmm_(pd.transpose(1, 2), dot)
-        dp = torch.bmm(dot, vt.transpose(1, 2))
+        dp = torch.bmm(dot, vt.transpose(1, 2), out=tiles.buffer("dp", *p.shape))
         if keep is not None:
             dp.masked_fill_(keep.logical_not(), 0.0).mul_(inv_keep)
         ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)
         if dmask is not None:
             part = dmask[bs, hs.start * tiles.g:hs.stop * tiles.g, i0:i1, j0:j1]
             part.copy_(ds.view(part.shape[0], -1, tiles.g, i1 - i0, j1 - j0).flatten(1, 2))
-        if t is not None:  # softcap chain: d(c * tanh(x / c)) = 1 - tanh^2
-            ds.mul_(t.square_().neg_().add_(1.0))
+        if x is not None:  # softcap chain: d(c tanh(x)) / d(c x) = 1 - tanh^2 x = 1 / cosh^2 x
+            ds.div_(x.cosh_().square_())  # (not 1 - t^2, which cancels to nothing as |t| -> 1)
         dqt.baddbmm_(ds, kt)
         _tiles.kv_tile(dkh, bs, hs, j0, j1).baddbmm_(ds.transpose(1, 2), qt)
     return dqt

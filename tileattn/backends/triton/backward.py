@@ -175,9 +175,9 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     head_d, head_dv = q.shape[-1], v.shape[-1]
     block_d, block_dv = max(16, triton.next_power_of_2(head_d)), max(16, triton.next_power_of_2(head_dv))
     pre_m = min(128, 8192 // block_dv)  # 8k elements per tile: no register spills at Dv = 256
-    _bwd_preprocess[(triton.cdiv(max_seqlen_q, pre_m), batch * hq)](
+    _bwd_preprocess[(triton.cdiv(max_seqlen_q, pre_m) * batch * hq,)](
         out, dout, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(dout, varlen), stride_lb, stride_lh,
-        hq, seqlen_q, HEAD_DV=head_dv, BLOCK_M=pre_m, BLOCK_DV=block_dv, IS_VARLEN=varlen)
+        hq, seqlen_q, max_seqlen_q, HEAD_DV=head_dv, BLOCK_M=pre_m, BLOCK_DV=block_dv, IS_VARLEN=varlen)
 
     left, right = window
     mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
@@ -185,7 +185,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
                  SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
                  HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0,
                  DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    features = tuple(sorted(flags.items())) + (("MASK_GRAD", mask_grad),)
+    features = tuple(sorted(flags.items())) + (("MASK_GRAD", mask_grad), ("SINKS", sinks is not None))
     common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
     tail = (stride_lb, stride_lh, *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
             *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)))
@@ -194,19 +194,20 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
 
     work = _bucket(max_seqlen_q) * _bucket(max_seqlen_k)
     kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv, work), features)
-    kernel[lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]), batch * hkv)](
+    kernel[lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
         q, k, v, dout, lse, delta, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
         *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
-        hkv, hq // hkv, seqlen_q, seqlen_k, *scalars, **flags, **meta)
+        hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k, *scalars, **flags, **meta)
 
     kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv, work), features)
-    kernel[lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]), batch * hq)](
+    kernel[lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
         q, k, v, dout, lse, delta, dq, dmask, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
         *common, *_strides(dq, varlen), *tail,
-        hq, hq // hkv, seqlen_q, seqlen_k, *scalars, MASK_GRAD=mask_grad, **flags, **meta)
+        hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q, *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None,
+        **flags, **meta)
 
     dsinks = None
-    if sinks is not None:  # the sink's probability exp(sink - lse_i) times dS = 0 - delta_i
+    if sinks is not None:  # P_sink,i = exp(sink - lse_i) times dS = 0 - delta_i (delta now from fp32 p * dp)
         sink = sinks.float().view(-1, 1) if varlen else sinks.float().view(1, -1, 1)
         dsinks = -(torch.exp(sink - lse) * delta).sum(dim=1 if varlen else (0, 2))
     return dq, dk, dv, dsinks, dmask

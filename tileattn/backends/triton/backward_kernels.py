@@ -7,7 +7,18 @@ Three kernels, launched in order by ``backward.py``:
    over the G = Hq / Hkv query heads of its group and their query blocks, so dK/dV of a kv head
    is the sum over its query heads without repeating k/v in memory and without atomics.
 3. ``_bwd_dq_kernel``: one program per (batch or sequence, query head, BLOCK_M rows); loops
-   over key blocks, writes dq, and with ``MASK_GRAD`` the dmask tile (fp32).
+   over key blocks, writes dq, with ``MASK_GRAD`` the dmask tiles (fp32), and with sinks
+   rewrites its rows' delta from fp32 P * dP for dsinks.
+
+Block skipping, causal Sq=6, Sk=4 (bottom-right: diag = Sk - Sq = -2), BLOCK_M = BLOCK_N = 2::
+
+    key j   0 1 | 2 3
+    row 0   . . | . .     the dK/dV program of keys 0..1 never loads rows 0..1 (they keep
+    row 1   . . | . .     nothing), masks row block 2..3 (the diagonal cuts it) and runs row
+    row 2   x . | . .     block 4..5 without any keep test; the program of keys 2..3 visits
+    row 3   x x | . .     only row block 4..5 (masked). The dQ program of rows 2..3 visits
+    row 4   x x | x .     key block 0..1 only (masked); rows 0..1 get dq = 0.
+    row 5   x x | x x
 
 Every output element is written by exactly one program, in a fixed loop order, with no
 atomics: the backward is bitwise reproducible by construction (``deterministic=True`` costs
@@ -134,11 +145,12 @@ def query_ranges(n0, seqlen_q, seqlen_k, window_left, window_right,
 @triton.jit
 def _bwd_preprocess(Out, DOut, Delta, CuSeqlensQ,
                     stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
-                    num_heads, seqlen_q_dense,
+                    num_heads, seqlen_q_dense, max_seqlen_q,
                     HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq): Delta[b, h, i] = sum_d Out * DOut (fp32)."""
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,): Delta[b, h, i] = sum_d Out * DOut (fp32)."""
+    num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    off_bh = tl.program_id(0) // num_m
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     q_start = 0
@@ -220,20 +232,22 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
                      stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                      stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
-                     num_kv_heads, group, seqlen_q_dense, seqlen_k_dense,
+                     num_kv_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_k,
                      scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
                      tune_sq, tune_sk,
                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Grid (cdiv(max_seqlen_k, BLOCK_N), B * Hkv): dk, dv of BLOCK_N keys of one kv head.
+    """Grid (cdiv(max_seqlen_k, BLOCK_N) * B * Hkv,): dk, dv of BLOCK_N keys of one kv head.
 
-    Query head h = kv_head * group + g for g < group (GQA). Every key row < seqlen_k is stored,
-    zeros when no row keeps it. tune_sq / tune_sk: autotune key only.
+    The key block is the fastest grid index (programs running together share a head's q/dout
+    in L2). Query head h = kv_head * group + g for g < group (GQA). Every key row < seqlen_k is
+    stored, zeros when no row keeps it. tune_sq / tune_sk: autotune key only.
     """
-    pid_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    num_n = tl.cdiv(max_seqlen_k, BLOCK_N)
+    pid_n = tl.program_id(0) % num_n
+    off_bh = tl.program_id(0) // num_n
     off_b = off_bh // num_kv_heads
     off_hk = off_bh % num_kv_heads
     q_start = 0
@@ -276,25 +290,26 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
             else:
                 alibi_log2 = 0.0
             if HAS_RIGHT:  # rows above the diagonal / window's right side: masked tiles
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, lo, full_lo,
-                                     n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm,
-                                     stride_mn, qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left,
-                                     window_right, dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D,
-                                     BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT,
-                                     HAS_RIGHT, DROPOUT, DOT_PREC)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, full_lo, full_hi,
-                                 n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm,
-                                 stride_mn, qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left,
-                                 window_right, dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D,
-                                 BLOCK_DV, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT,
-                                 HAS_RIGHT, DROPOUT, DOT_PREC)
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, lo, full_lo,
+                    n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
+                    qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
+                    off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
+                    MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
+            # middle: every row keeps every key of this block (no keep arithmetic)
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, full_lo, full_hi,
+                n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
+                qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
+                off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI,
+                MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
             if HAS_LEFT:  # rows below the window's left side: masked tiles
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, full_hi, hi,
-                                     n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm,
-                                     stride_mn, qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left,
-                                     window_right, dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D,
-                                     BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT,
-                                     HAS_RIGHT, DROPOUT, DOT_PREC)
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, full_hi, hi,
+                    n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
+                    qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
+                    off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
+                    MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
         dk_base = DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + k0 * stride_dkn
         _store_rows(dk_base, dk * scale, n0, seqlen_k, stride_dkn, HEAD_D, BLOCK_N, BLOCK_D)
         dv_base = DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + k0 * stride_dvn
@@ -305,16 +320,18 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo, hi,
+def _dq_tiles(dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo, hi,
               m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
               qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
               dropout_p, seed, off_h, off_b,
               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     """Accumulate key blocks [lo, hi) into dq (BLOCK_M, BLOCK_D); store dS tiles to dmask (MASK_GRAD).
 
+    SINKS: also accumulate pdp (BLOCK_M,) = sum_j p * dp, delta without out's rounding (dsinks).
     EDGE: tiles cut by the window or the ragged last key block (``keep_tile``; keys past
     seqlen_k must be zeroed here since their p may overflow).
     """
@@ -342,6 +359,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo,
             drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
             dp = tl.where(drop, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if SINKS:
+            pdp += tl.sum(p * dp, 1)
         if MASK_GRAD:
             ptrs = (dmask_base + m0.to(tl.int64) * seqlen_k + n0
                     + tl.arange(0, BLOCK_M)[:, None] * tl.cast(seqlen_k, tl.int64) + offs_n0[None, :])
@@ -349,7 +368,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo,
         if SOFTCAP:
             ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-    return dq
+    return dq, pdp
 
 
 @triton.jit
@@ -358,22 +377,28 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, DMask, Slopes, Mask, CuSeqlens
                    stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                    stride_dqb, stride_dqm, stride_dqh,
                    stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
-                   num_heads, group, seqlen_q_dense, seqlen_k_dense,
+                   num_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_q,
                    scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
                    tune_sq, tune_sk,
                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
-                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq): dq of BLOCK_M rows of one query head.
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,): dq of BLOCK_M rows of one query head.
 
-    DMask (MASK_GRAD, dense only): contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher;
-    this kernel writes the tiles it visits. With HAS_RIGHT the longest rows' blocks start first.
+    The row block is the fastest grid index (programs running together share a head's K/V in
+    L2); with HAS_RIGHT the longest rows' blocks start first. DMask (MASK_GRAD, dense only):
+    contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher; this kernel writes the tiles
+    it visits. SINKS: Delta of these rows is overwritten with sum_j P dP from fp32 p and dp (the
+    dK/dV kernel, which read the rounded-out version, has finished), so dsinks does not inherit
+    out's rounding: with few keys that rounding alone exceeds the fp16 tolerance.
     """
-    pid_m = tl.program_id(0)
+    num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    off_bh = tl.program_id(0) // num_m
     if HAS_RIGHT:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    off_bh = tl.program_id(1)
+        pid_m = num_m - 1 - pid_m
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     q_start = 0
@@ -417,22 +442,29 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, DMask, Slopes, Mask, CuSeqlens
         lo, full_lo, full_hi, hi = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
                                                 BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        pdp = tl.zeros([BLOCK_M], tl.float32)
         if HAS_LEFT:  # keys left of the window's left side: masked tiles
-            dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo, full_lo,
-                           m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                           qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
-                           dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-                           True, SOFTCAP, ALIBI, MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, full_lo, full_hi,
-                       m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                       qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
-                       dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-                       False, SOFTCAP, ALIBI, MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
+            dq, pdp = _dq_tiles(
+                dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo, full_lo,
+                m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
+                off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
+                MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, DOT_PREC)
+        # middle: every key of every row kept (no keep arithmetic)
+        dq, pdp = _dq_tiles(
+            dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, full_lo, full_hi,
+            m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+            qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
+            off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI,
+            MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, DOT_PREC)
         # the diagonal / window's right side and the ragged last key block
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, full_hi, hi,
-                       m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                       qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
-                       dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
-                       True, SOFTCAP, ALIBI, MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
+        dq, pdp = _dq_tiles(
+            dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, full_hi, hi,
+            m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
+            qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
+            off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
+            MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, DOT_PREC)
+        if SINKS:
+            tl.store(Delta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, pdp, mask=offs_m < seqlen_q)
         dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm
         _store_rows(dq_base, dq * scale, m0, seqlen_q, stride_dqm, HEAD_D, BLOCK_M, BLOCK_D)
