@@ -176,14 +176,14 @@ def _run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, alib
 
 
 class _NoBackward(torch.autograd.Function):
-    """Identity whose backward raises: attention_with_kvcache is inference-only."""
+    """Passes ``out`` through; its backward raises: attention_with_kvcache is inference-only."""
 
     @staticmethod
-    def forward(ctx, out):
-        return out.view_as(out)
+    def forward(ctx, out, *inputs):
+        return out.clone()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         raise NotImplementedError("tileattn: attention_with_kvcache has no backward; use attention() or "
                                   "attention_varlen() for training, or call it under torch.no_grad()")
 
@@ -280,9 +280,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             alibi_slopes, sinks, num_splits, name)
     # eager calls skip the dispatcher's overhead on the decode hot path; compile sees the op
     run = ops.attention_kvcache if torch.compiler.is_compiling() else ops.kvcache_impl
-    out, lse = run(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
-        out = _NoBackward.apply(out)
+    grad_inputs = [t for t in (q, k, v) if t is not None and t.requires_grad]
+    with torch.no_grad():
+        out, lse = run(*args)
+    if grad_inputs and torch.is_grad_enabled():
+        out = _NoBackward.apply(out, *grad_inputs)
     return (out, lse) if return_lse else out
 
 

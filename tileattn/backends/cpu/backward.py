@@ -103,12 +103,12 @@ def _rows(qt, dot, lse_r, delta, kh, vh, dkh, dvh, dmask, tiles, bs, hs, i0, i1)
         s, x = tiles.scores(qt, kt, bs, hs, i0, i1, j0, j1, keep_x=True)
         p = s.sub_(lse2).exp2_()
         keep = tiles.dropout_keep(bs, hs, i0, i1, j0, j1)
-        pd = p if keep is None else p.masked_fill(keep.logical_not(), 0.0)
+        pd = p if keep is None else p * keep
         dvt = _tiles.kv_tile(dvh, bs, hs, j0, j1)
         dvt.baddbmm_(pd.transpose(1, 2), dot)
         dp = torch.bmm(dot, vt.transpose(1, 2), out=tiles.buffer("dp", *p.shape))
         if keep is not None:
-            dp.masked_fill_(keep.logical_not(), 0.0).mul_(inv_keep)
+            dp.mul_(keep).mul_(inv_keep)
         ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)
         if dmask is not None:
             part = dmask[bs, hs.start * tiles.g:hs.stop * tiles.g, i0:i1, j0:j1]

@@ -199,15 +199,16 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
         *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
         hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k, *scalars, **flags, **meta)
 
+    sink_delta = torch.empty_like(delta) if sinks is not None else delta  # unused without sinks
     kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv, work), features)
     kernel[lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
-        q, k, v, dout, lse, delta, dq, dmask, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, dout, lse, delta, sink_delta, dq, dmask, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
         *common, *_strides(dq, varlen), *tail,
         hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q, *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None,
         **flags, **meta)
 
     dsinks = None
-    if sinks is not None:  # P_sink,i = exp(sink - lse_i) times dS = 0 - delta_i (delta now from fp32 p * dp)
+    if sinks is not None:  # P_sink,i = exp(sink - lse_i) times dS = 0 - delta_i (from fp32 p * dp)
         sink = sinks.float().view(-1, 1) if varlen else sinks.float().view(1, -1, 1)
-        dsinks = -(torch.exp(sink - lse) * delta).sum(dim=1 if varlen else (0, 2))
+        dsinks = -(torch.exp(sink - lse) * sink_delta).sum(dim=1 if varlen else (0, 2))
     return dq, dk, dv, dsinks, dmask

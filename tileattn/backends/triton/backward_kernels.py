@@ -8,7 +8,7 @@ Three kernels, launched in order by ``backward.py``:
    is the sum over its query heads without repeating k/v in memory and without atomics.
 3. ``_bwd_dq_kernel``: one program per (batch or sequence, query head, BLOCK_M rows); loops
    over key blocks, writes dq, with ``MASK_GRAD`` the dmask tiles (fp32), and with sinks
-   rewrites its rows' delta from fp32 P * dP for dsinks.
+   writes its rows' sum of fp32 P * dP to a separate buffer for dsinks.
 
 Block skipping, causal Sq=6, Sk=4 (bottom-right: diag = Sk - Sq = -2), BLOCK_M = BLOCK_N = 2::
 
@@ -372,7 +372,7 @@ def _dq_tiles(dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, DMask, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
+def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, SinkDelta, DQ, DMask, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
                    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                    stride_dqb, stride_dqm, stride_dqh,
@@ -390,9 +390,9 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, DMask, Slopes, Mask, CuSeqlens
     The row block is the fastest grid index (programs running together share a head's K/V in
     L2); with HAS_RIGHT the longest rows' blocks start first. DMask (MASK_GRAD, dense only):
     contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher; this kernel writes the tiles
-    it visits. SINKS: Delta of these rows is overwritten with sum_j P dP from fp32 p and dp (the
-    dK/dV kernel, which read the rounded-out version, has finished), so dsinks does not inherit
-    out's rounding: with few keys that rounding alone exceeds the fp16 tolerance.
+    it visits. SINKS: SinkDelta (laid out like Delta) gets sum_j P dP from fp32 p and dp, so
+    dsinks does not inherit out's rounding: with few keys that rounding alone exceeds the fp16
+    tolerance. Delta itself is only read, so re-running the kernel (autotuning) is idempotent.
     """
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
     pid_m = tl.program_id(0) % num_m
@@ -465,6 +465,6 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, DMask, Slopes, Mask, CuSeqlens
             off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
             MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, DOT_PREC)
         if SINKS:
-            tl.store(Delta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, pdp, mask=offs_m < seqlen_q)
+            tl.store(SinkDelta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, pdp, mask=offs_m < seqlen_q)
         dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm
         _store_rows(dq_base, dq * scale, m0, seqlen_q, stride_dqm, HEAD_D, BLOCK_M, BLOCK_D)
