@@ -169,9 +169,9 @@ def _run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, alib
     if sinks is not None:
         sinks = sinks.float()
     mask_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
-    out, lse = ops.attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, float(softcap),
-                                 alibi_slopes, sinks, attn_mask, float(dropout_p), _seed(dropout_p),
-                                 bool(deterministic), mask_grad, name)
+    fwd = ops.attention_fwd if torch.compiler.is_compiling() else ops.EagerAttention.apply
+    out, lse = fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, float(softcap), alibi_slopes, sinks,
+                   attn_mask, float(dropout_p), _seed(dropout_p), bool(deterministic), mask_grad, name)
     return (out, lse) if return_lse else out
 
 
