@@ -183,6 +183,10 @@ def test_fully_masked_rows(small_tiles):
     assert (out[:, 45:50] == 0).all()  # with sinks an empty row's lse is the sink logit
     out, lse, _ = _check(q, k, v, _contract(D, window=(1, 0)))  # rows i + off outside [0, Sk)
     assert (lse[:, :, :30] == float("-inf")).all()
+    bias = torch.zeros(B, Hq, Sq, Sk).masked_fill(~mask, float("-inf"))  # -inf float mask, same rows
+    out, lse, (dq, *_, dmask) = _check(q, k, v, _contract(D, mask=bias), mask_grad=True)
+    assert (out[:, 45:50] == 0).all() and (lse[:, :, 45:50] == float("-inf")).all()
+    assert (dmask[~mask] == 0).all() and (dq[:, 45:50] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)

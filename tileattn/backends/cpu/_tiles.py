@@ -6,11 +6,14 @@ Sub notation (the Triton kernels use the same names):
     Hq, Hkv, G    query heads, kv heads, G = Hq // Hkv (query head h = kvh * G + g reads kv head
                   kvh). The G query heads of one kv head are packed as rows of one matrix, so
                   k/v are never repeated: a q tile is (Bc * Hc, G * BLOCK_M, D).
-    slab          a chunk (batch slice ``bs``, kv-head slice ``hs``) of Bc x Hc (batch, kv head)
-                  pairs processed by one batched matmul; either Bc == 1 or Hc == Hkv, so a k/v
-                  tile is a view of the head-major copy (B, Hkv, Sk, D).
+    slab          a rectangle (batch slice ``bs``, kv-head slice ``hs``) of Bc x Hc (batch,
+                  kv head) pairs, processed by batched matmuls; its k/v are copied once to fp32
+                  (Bc*Hc, Sk, D[v]) (``slab_kv``), so memory is O(slab * Sk), never O(B*H*Sk).
     tile          rows i0..i1 of the G heads x keys j0..j1 of one slab: scores (Bc*Hc, R, N),
                   R = G * (i1 - i0). At most ``TILE_ELEMS`` scores exist at a time: O(N) memory.
+
+Every input is copied into these fp32 layouts before any arithmetic, so results never depend
+on the caller's strides (non-contiguous inputs are bitwise equal to contiguous ones).
 
 Numerics: scores are fp32 whatever the input dtype and in base 2 (``s2 = s * log2(e)``, so
 the softmax uses ``exp2``); lse is converted back to natural log by the callers. The log2(e)
@@ -67,7 +70,8 @@ class Tiles:
     # ------------------------------------------------------------------ iteration
 
     def slabs(self):
-        """(bs, hs) slices of batch rows and kv heads whose tiles fit in TILE_ELEMS."""
+        """(bs, hs) slices of batch rows and kv heads whose tiles fit in TILE_ELEMS: whole
+        batch rows when the kv heads of one fit, else kv-head chunks of one batch row."""
         budget = TILE_ELEMS // (8 if self.dropout_p > 0 else 1)
         per = max(1, budget // (self.g * self.block_m * BLOCK_N))  # (batch, kv head) pairs per slab
         if per >= self.hkv:
@@ -130,13 +134,12 @@ class Tiles:
         if self.alibi is not None:  # 3. s -= slope * |i + off - j|
             slopes = self.alibi[bs, hs.start * self.g:hs.stop * self.g].to(torch.float32)
             slopes = slopes.reshape(*s5.shape[:3], 1, 1) * -LOG2E
-            dist = (self._rows(i0, i1) - self._cols(j0, j1)).abs_().to(torch.float32)
-            s5.addcmul_(slopes, dist)
+            s5.addcmul_(slopes, self._diff(i0, i1, j0, j1).abs_())
         if self.attn_mask is not None:  # 4. bool keep / float add
             mask = self.attn_mask[bs, hs.start * self.g:hs.stop * self.g, i0:i1, j0:j1]
             mask = _unexpand(mask.unflatten(1, (hs.stop - hs.start, self.g)))
             if mask.dtype == torch.bool:
-                s5.add_(keep_bias(mask))
+                s5.add_(keep_bias(mask.view(torch.uint8).to(torch.float32)))
             else:
                 s5.add_(mask, alpha=LOG2E)
         keep = self._window_keep(i0, i1, j0, j1)  # 5. causal / window
@@ -155,35 +158,34 @@ class Tiles:
         keep = _philox.uniform(self.seed, b, h, i, j) >= torch.tensor(self.dropout_p, dtype=torch.float32)
         return keep.view(torch.uint8).to(torch.float32).view(-1, self.g * (i1 - i0), j1 - j0)
 
-    def _rows(self, i0, i1):
-        return torch.arange(i0 + self.off, i1 + self.off).view(-1, 1)  # i + off, (M, 1)
-
-    def _cols(self, j0, j1):
-        return torch.arange(j0, j1).view(1, -1)  # j, (1, N)
+    def _diff(self, i0, i1, j0, j1):
+        """fp32 (M, N) j - (i + off) of a tile (exact below 2^24)."""
+        cols = torch.arange(j0, j1, dtype=torch.float32)
+        return cols - torch.arange(i0 + self.off, i1 + self.off, dtype=torch.float32).unsqueeze(-1)
 
     def _window_keep(self, i0, i1, j0, j1):
-        """bool (M, N) window keep-mask of a tile, or None when every (i, j) is inside the band."""
+        """fp32 (M, N) window keep-mask (1 keep, 0 drop) of a tile, or None when every (i, j)
+        is inside the band (then no masking arithmetic runs at all)."""
         left, right = self.window
         cut_left = left >= 0 and j0 < i1 - 1 + self.off - left
         cut_right = right >= 0 and j1 - 1 > i0 + self.off + right
         if not (cut_left or cut_right):
             return None
-        diff = self._cols(j0, j1) - self._rows(i0, i1)  # j - (i + off)
-        keep = torch.ones(i1 - i0, j1 - j0, dtype=torch.bool)
-        if cut_left:
-            keep &= diff >= -left
-        if cut_right:
-            keep &= diff <= right
+        diff = self._diff(i0, i1, j0, j1)
+        keep = (right + 1 - diff).clamp_(0.0, 1.0) if cut_right else torch.ones_like(diff)
+        if cut_left:  # keep j - (i + off) >= -left, i.e. diff + left + 1 >= 1
+            keep.mul_((diff + (left + 1)).clamp_(0.0, 1.0))
         return keep
 
 
 def keep_bias(keep):
-    """bool keep-mask -> fp32 additive bias, 0 where True and -inf where False.
+    """fp32 keep-mask (1 keep, 0 drop) -> additive bias, 0 where kept and -inf where dropped.
 
-    Computed as 1 - 1/keep from keep's bytes: torch's bool kernels (masked_fill, where, bool
-    casts) are not vectorized and cost ~25x a broadcast add over a score tile.
+    Computed as 1 - 1/keep (1/0 = inf) in place: torch's bool kernels (masked_fill, where,
+    bool casts; a bool mask arrives here through its uint8 view) are not vectorized and cost
+    ~25x a broadcast add over a score tile.
     """
-    return keep.view(torch.uint8).to(torch.float32).reciprocal_().neg_().add_(1.0)
+    return keep.reciprocal_().neg_().add_(1.0)
 
 
 def _unexpand(x):
@@ -213,23 +215,20 @@ class Workspace:
 # ---------------------------------------------------------------------- layout moves
 
 
-def heads_major(x):
-    """(B, S, H, D) any strides, any float dtype -> (B, H, S, D) fp32 contiguous copy."""
-    out = torch.empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3], dtype=torch.float32)
-    return out.copy_(x.permute(0, 2, 1, 3))
+def slab_kv(x, bs, hs):
+    """Native (B, Sk, Hkv, D) any strides / float dtype -> fp32 contiguous (Bc*Hc, Sk, D) copy."""
+    part = x[bs, :, hs].permute(0, 2, 1, 3)
+    return torch.empty(part.shape, dtype=torch.float32).copy_(part).flatten(0, 1)
 
 
-def kv_tile(x, bs, hs, j0, j1):
-    """(Bc*Hc, N, D) view of keys j0..j1 of the slab in a heads_major tensor."""
-    return x[bs, hs, j0:j1].flatten(0, 1)
+def scatter_kv(dst, tile, bs, hs):
+    """Write fp32 (Bc*Hc, Sk, D) into the slab of native dst (B, Sk, Hkv, D)."""
+    part = dst[bs, :, hs]
+    part.copy_(tile.view(part.shape[0], part.shape[2], part.shape[1], part.shape[3]).transpose(1, 2))
 
 
 def gather_rows(x, bs, hs, g, i0, i1):
-    """Native (B, S, Hq, D) rows i0..i1 of the slab -> (Bc*Hc, G*M, D) fp32 contiguous copy.
-
-    The copy makes every later step independent of x's strides (bitwise-equal results for
-    contiguous and non-contiguous inputs).
-    """
+    """Native (B, S, Hq, D) rows i0..i1 of the slab -> (Bc*Hc, G*M, D) fp32 contiguous copy."""
     part = x[bs, i0:i1, hs.start * g:hs.stop * g]
     part = part.unflatten(2, (hs.stop - hs.start, g)).permute(0, 2, 3, 1, 4)  # (Bc, Hc, G, M, D)
     out = torch.empty(part.shape, dtype=torch.float32)
@@ -243,8 +242,8 @@ def scatter_rows(dst, tile, bs, hs, g, i0, i1):
 
 
 def lse_rows(lse, bs, hs, g, i0, i1):
-    """(B, Hq, Sq) view -> (Bc*Hc, G*M) view or copy of rows i0..i1 of the slab."""
-    return lse[bs, hs.start * g:hs.stop * g, i0:i1].reshape(-1, g * (i1 - i0))
+    """(B, Hq, Sq) fp32 -> (Bc*Hc, G*M) rows i0..i1 of the slab (a view or a copy: read only)."""
+    return lse[bs, hs.start * g:hs.stop * g, i0:i1].to(torch.float32).reshape(-1, g * (i1 - i0))
 
 
 def sink_rows(sinks, bs, hs, g, m):

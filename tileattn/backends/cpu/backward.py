@@ -39,9 +39,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     is given; dmask fp32 (B, Hq, Sq, Sk) when ``mask_grad`` (dense only), else None.
     """
     kw = dict(scale=scale, window=tuple(window), softcap=softcap, dropout_p=dropout_p, seed=seed)
-    dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
     dsinks = None if sinks is None else torch.zeros(sinks.shape[0], dtype=torch.float64)
     dmask = None
     if cu_seqlens_q is None:
@@ -70,42 +68,40 @@ def _dense(ins, grads, sinks, tiles):
     """
     dout, q, k, v, out, lse = ins
     dq, dk, dv, dsinks, dmask = grads
-    kh, vh = _tiles.heads_major(k), _tiles.heads_major(v)
-    dkh, dvh = torch.zeros_like(kh), torch.zeros_like(vh)  # fp32 (B, Hkv, Sk, D[v])
     g = tiles.g
     for bs, hs in tiles.slabs():
+        kh, vh = _tiles.slab_kv(k, bs, hs), _tiles.slab_kv(v, bs, hs)  # fp32 (Bc*Hc, Sk, D[v])
+        dkh, dvh = torch.zeros_like(kh), torch.zeros_like(vh)
         for i0, i1 in tiles.q_blocks():
-            rows = [_tiles.gather_rows(x, bs, hs, g, i0, i1) for x in (q, dout, out)]
-            lse_r = _tiles.lse_rows(lse, bs, hs, g, i0, i1).to(torch.float32)
-            delta = (rows[1] * rows[2]).sum(-1)  # (Bc*Hc, R)
-            dqt = _rows(rows[0], rows[1], lse_r, delta, kh, vh, dkh, dvh, dmask, tiles, bs, hs, i0, i1)
+            qt, dot, ot = (_tiles.gather_rows(x, bs, hs, g, i0, i1) for x in (q, dout, out))
+            lse_r = _tiles.lse_rows(lse, bs, hs, g, i0, i1)
+            delta = (dot * ot).sum(-1)  # (Bc*Hc, R)
+            dqt = _rows(qt, dot, lse_r, delta, kh, vh, dkh, dvh, dmask, tiles, bs, hs, i0, i1)
             _tiles.scatter_rows(dq, dqt.mul_(tiles.scale), bs, hs, g, i0, i1)
             if dsinks is not None:
                 psink = torch.exp2(_tiles.sink_rows(sinks, bs, hs, g, i1 - i0) - lse_r * LOG2E)
                 term = (psink * delta).double().view(-1, hs.stop - hs.start, g, i1 - i0)
                 dsinks[hs.start * g:hs.stop * g] -= term.sum((0, 3)).flatten()
-    if tiles.dropout_p > 0:
-        dvh.mul_(1.0 / (1.0 - tiles.dropout_p))
-    dk.copy_(dkh.mul_(tiles.scale).transpose(1, 2))
-    dv.copy_(dvh.transpose(1, 2))
+        if tiles.dropout_p > 0:
+            dvh.mul_(1.0 / (1.0 - tiles.dropout_p))
+        _tiles.scatter_kv(dk, dkh.mul_(tiles.scale), bs, hs)
+        _tiles.scatter_kv(dv, dvh, bs, hs)
 
 
 def _rows(qt, dot, lse_r, delta, kh, vh, dkh, dvh, dmask, tiles, bs, hs, i0, i1):
-    """Gradients of one q tile (Bc*Hc, R, D) over its key blocks; dK/dV accumulate in place.
-
-    Returns dQ / scale of the tile, fp32 (Bc*Hc, R, D).
+    """Gradients of q tile (Bc*Hc, R, D) over the slab's key blocks; dK/dV (Bc*Hc, Sk, D[v])
+    accumulate in place. Returns dQ / scale of the tile, fp32 (Bc*Hc, R, D).
     """
     lse2 = (lse_r * LOG2E).masked_fill_(lse_r == NEG_INF, 0.0).unsqueeze(-1)  # [Note] fully masked rows
     dqt = torch.zeros_like(qt)
     inv_keep = 1.0 / (1.0 - tiles.dropout_p)
     for j0, j1 in tiles.k_blocks(i0, i1):
-        kt, vt = _tiles.kv_tile(kh, bs, hs, j0, j1), _tiles.kv_tile(vh, bs, hs, j0, j1)
+        kt, vt = kh[:, j0:j1], vh[:, j0:j1]
         s, x = tiles.scores(qt, kt, bs, hs, i0, i1, j0, j1, keep_x=True)
         p = s.sub_(lse2).exp2_()
         keep = tiles.dropout_keep(bs, hs, i0, i1, j0, j1)
         pd = p if keep is None else p * keep
-        dvt = _tiles.kv_tile(dvh, bs, hs, j0, j1)
-        dvt.baddbmm_(pd.transpose(1, 2), dot)
+        dvh[:, j0:j1].baddbmm_(pd.transpose(1, 2), dot)
         dp = torch.bmm(dot, vt.transpose(1, 2), out=tiles.buffer("dp", *p.shape))
         if keep is not None:
             dp.mul_(keep).mul_(inv_keep)
@@ -116,5 +112,5 @@ def _rows(qt, dot, lse_r, delta, kh, vh, dkh, dvh, dmask, tiles, bs, hs, i0, i1)
         if x is not None:  # softcap chain: d(c tanh(x)) / d(c x) = 1 - tanh^2 x = 1 / cosh^2 x
             ds.div_(x.cosh_().square_())  # (not 1 - t^2, which cancels to nothing as |t| -> 1)
         dqt.baddbmm_(ds, kt)
-        _tiles.kv_tile(dkh, bs, hs, j0, j1).baddbmm_(ds.transpose(1, 2), qt)
+        dkh[:, j0:j1].baddbmm_(ds.transpose(1, 2), qt)
     return dqt

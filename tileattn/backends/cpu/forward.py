@@ -63,14 +63,16 @@ def forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, 
 
 def _dense(q, k, v, out, lse, sinks, tiles):
     """One dense problem: fill ``out`` (B, Sq, Hq, Dv) and ``lse`` (B, Hq, Sq) (views allowed)."""
-    if out.numel() == 0 and lse.numel() == 0:
-        return
-    kh, vh = _tiles.heads_major(k), _tiles.heads_major(v)  # (B, Hkv, Sk, D[v]) fp32
     g = tiles.g
-    vmax = max(abs(float(x)) for x in torch.aminmax(vh)) if vh.numel() else 0.0
-    v_ok = 2.0 ** -40 <= vmax <= 2.0 ** 40 and tiles.sk <= 2 ** 22  # [Note] fixed reference max
     for bs, hs in tiles.slabs():
-        kmax = float(torch.linalg.vector_norm(kh[bs, hs], dim=-1).max()) if tiles.sk else 0.0
+        if tiles.sq == 0:
+            break
+        kh, vh = _tiles.slab_kv(k, bs, hs), _tiles.slab_kv(v, bs, hs)  # fp32 (Bc*Hc, Sk, D[v])
+        kmax, vmax = 0.0, 0.0
+        if tiles.sk:
+            kmax = float(torch.linalg.vector_norm(kh, dim=-1).max())
+            vmax = max(abs(float(x)) for x in torch.aminmax(vh))
+        v_ok = 2.0 ** -40 <= vmax <= 2.0 ** 40 and tiles.sk <= 2 ** 22  # [Note] fixed reference max
         for i0, i1 in tiles.q_blocks():
             qt = _tiles.gather_rows(q, bs, hs, g, i0, i1)
             fixed = v_ok and tiles.score_bound(qt, kmax) <= _tiles.EXP2_SAFE
@@ -80,7 +82,8 @@ def _dense(q, k, v, out, lse, sinks, tiles):
 
 
 def _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed):
-    """Online softmax of one q tile (Bc*Hc, R, D) over its key blocks -> (out, base-2 lse).
+    """Online softmax of q tile (Bc*Hc, R, D) over the slab's kh/vh (Bc*Hc, Sk, D[v]) key blocks
+    -> (out (Bc*Hc, R, Dv) fp32, base-2 lse (Bc*Hc, R)).
 
     ``fixed``: keep m_i = 0 instead of a running max ([Note] fixed reference max).
     """
@@ -89,7 +92,7 @@ def _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed):
     l_i = torch.zeros(n, r)
     acc = torch.zeros(n, r, vh.shape[-1])
     for j0, j1 in tiles.k_blocks(i0, i1):
-        s, _ = tiles.scores(qt, _tiles.kv_tile(kh, bs, hs, j0, j1), bs, hs, i0, i1, j0, j1)
+        s, _ = tiles.scores(qt, kh[:, j0:j1], bs, hs, i0, i1, j0, j1)
         if fixed:
             l_i.add_(s.exp2_().sum(-1))
         else:
@@ -103,10 +106,10 @@ def _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed):
         keep = tiles.dropout_keep(bs, hs, i0, i1, j0, j1)
         if keep is not None:
             s.mul_(keep)
-        acc.baddbmm_(s, _tiles.kv_tile(vh, bs, hs, j0, j1))
+        acc.baddbmm_(s, vh[:, j0:j1])
     if sinks is not None:  # the sink: one more logit in the denominator, no value
         sink = _tiles.sink_rows(sinks, bs, hs, tiles.g, i1 - i0)
-        m_fin = torch.maximum(m_i, sink)
+        m_fin = torch.maximum(m_i, sink).clamp_(min=torch.finfo(torch.float32).min)
         rescale = torch.exp2(m_i - m_fin)
         l_i.mul_(rescale).add_(torch.exp2(sink - m_fin))
         acc.mul_(rescale.unsqueeze(-1))
@@ -115,4 +118,4 @@ def _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed):
     out = acc.div_(l_i.masked_fill(empty, 1.0).unsqueeze(-1))
     if tiles.dropout_p > 0:
         out.mul_(1.0 / (1.0 - tiles.dropout_p))
-    return out, torch.where(empty, NEG_INF, m_i + torch.log2(l_i))
+    return out, (m_i + torch.log2(l_i)).masked_fill_(empty, NEG_INF)
