@@ -97,3 +97,17 @@ def test_opcheck():
     seqlens = torch.tensor([4], dtype=torch.int32, device=DEVICE)
     kargs = (q.detach(), kc, vc, k.detach(), v.detach(), seqlens, None, 0.25, -1, 0, 0.0, None, None, 0, args[-1])
     torch.library.opcheck(ops.attention_kvcache, kargs, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 9, 11), (9, 11), (1, 3, 1, 11)])
+def test_float_mask_grad_reduces_to_mask_shape(mask_shape):
+    q = torch.randn(2, 9, 3, 16, requires_grad=True)
+    k, v = torch.randn(2, 11, 3, 16), torch.randn(2, 11, 3, 16)
+    mask = torch.randn(mask_shape, requires_grad=True)
+    out = tileattn.attention(q, k, v, attn_mask=mask, backend="cpu")
+    (grad,) = torch.autograd.grad(out.square().sum(), mask)
+    ref_mask = mask.detach().double().requires_grad_()
+    ref, _ = tileattn.reference.attention(q.detach().double(), k.double(), v.double(), attn_mask=ref_mask)
+    (want,) = torch.autograd.grad(ref.square().sum(), ref_mask)
+    assert grad.shape == mask.shape
+    torch.testing.assert_close(grad.double(), want, atol=1e-5, rtol=1e-4)

@@ -115,7 +115,8 @@ def _setup_context(ctx, inputs, output):
 
 def _reduce_to(grad: Tensor, shape) -> Tensor:
     """Sum a (B,Hq,Sq,Sk) gradient down to a broadcastable mask's own shape."""
-    grad = grad.sum(dim=tuple(range(grad.dim() - len(shape))))
+    if grad.dim() > len(shape):
+        grad = grad.sum(dim=tuple(range(grad.dim() - len(shape))))
     dims = tuple(i for i, s in enumerate(shape) if s == 1 and grad.shape[i] != 1)
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 

@@ -10,7 +10,7 @@ Sub notation (the Triton kernels use the same names):
                   kv head) pairs, processed by batched matmuls; its k/v are copied once to fp32
                   (Bc*Hc, Sk, D[v]) (``slab_kv``), so memory is O(slab * Sk), never O(B*H*Sk).
     tile          rows i0..i1 of the G heads x keys j0..j1 of one slab: scores (Bc*Hc, R, N),
-                  R = G * (i1 - i0). At most ``TILE_ELEMS`` scores exist at a time: O(N) memory.
+                  R = G * (i1 - i0). At most ``TILE_ELEMS`` scores exist at a time (dropout: 1/8).
 
 Every input is copied into these fp32 layouts before any arithmetic, so results never depend
 on the caller's strides (non-contiguous inputs are bitwise equal to contiguous ones).
@@ -21,7 +21,7 @@ factor is folded into the matmul's alpha, the ALiBi slopes and the float-mask ad
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -32,9 +32,25 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 BLOCK_ROWS = 256  # query rows per tile over the G packed heads (BLOCK_M = BLOCK_ROWS // G)
 BLOCK_N = 512  # keys per tile
-TILE_ELEMS = 1 << 20  # scores per tile over a slab (4 MiB fp32); dropout tiles use 1/8 of it
+TILE_ELEMS = 0  # scores per tile over a slab; 0 = 2^18 (1 MiB fp32, L2-sized) per torch thread
 EXP2_SAFE = 64.0  # |s2| <= EXP2_SAFE everywhere: the forward may skip the running max
 NEG_INF = -math.inf
+
+
+class Workspace:
+    """Named fp32 tile buffers reused across tiles: a fresh multi-MiB tensor per tile costs
+    page faults that, on 2 threads, cut the matmul speed by 3x. A tensor returned for a name
+    is only valid until the next request of that name."""
+
+    def __init__(self):
+        self._flat = {}
+
+    def __call__(self, name, *shape):
+        n = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < n:
+            flat = self._flat[name] = torch.empty(n, dtype=torch.float32)
+        return flat[:n].view(shape)
 
 
 @dataclass
@@ -43,7 +59,8 @@ class Tiles:
 
     ``alibi`` None or fp32 (B, Hq); ``sinks`` None or fp32 (Hq,); ``attn_mask`` None or bool /
     float (B, Hq, Sq, Sk) (stride-0 broadcast dims allowed); ``b0`` is the dropout batch id of
-    batch row 0 (the sequence index for varlen).
+    batch row 0 (the sequence index for varlen); ``buffer`` may be shared by the sequences of
+    one varlen call.
     """
 
     batch: int
@@ -59,9 +76,9 @@ class Tiles:
     dropout_p: float
     seed: int
     b0: int = 0
+    buffer: Workspace = field(default_factory=Workspace)
 
     def __post_init__(self):
-        self.buffer = Workspace()
         self.off = self.sk - self.sq
         self.block_m = max(1, BLOCK_ROWS // self.g)
         # alpha of q @ k^T: base-2 scores directly, or s / softcap for the tanh
@@ -72,7 +89,7 @@ class Tiles:
     def slabs(self):
         """(bs, hs) slices of batch rows and kv heads whose tiles fit in TILE_ELEMS: whole
         batch rows when the kv heads of one fit, else kv-head chunks of one batch row."""
-        budget = TILE_ELEMS // (8 if self.dropout_p > 0 else 1)
+        budget = (TILE_ELEMS or (1 << 18) * torch.get_num_threads()) // (8 if self.dropout_p > 0 else 1)
         per = max(1, budget // (self.g * self.block_m * BLOCK_N))  # (batch, kv head) pairs per slab
         if per >= self.hkv:
             nb = per // self.hkv
@@ -194,22 +211,6 @@ def _unexpand(x):
         if x.stride(d) == 0 and x.shape[d] > 1:
             x = x.narrow(d, 0, 1)
     return x
-
-
-class Workspace:
-    """Named fp32 tile buffers reused across tiles: a fresh multi-MiB tensor per tile costs
-    page faults that, on 2 threads, cut the matmul speed by 3x. A tensor returned for a name
-    is only valid until the next request of that name."""
-
-    def __init__(self):
-        self._flat = {}
-
-    def __call__(self, name, *shape):
-        n = math.prod(shape)
-        flat = self._flat.get(name)
-        if flat is None or flat.numel() < n:
-            flat = self._flat[name] = torch.empty(n, dtype=torch.float32)
-        return flat[:n].view(shape)
 
 
 # ---------------------------------------------------------------------- layout moves

@@ -38,7 +38,8 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     dq, dk, dv have q, k, v's shapes and dtypes (contiguous); dsinks fp32 (Hq,) when sinks
     is given; dmask fp32 (B, Hq, Sq, Sk) when ``mask_grad`` (dense only), else None.
     """
-    kw = dict(scale=scale, window=tuple(window), softcap=softcap, dropout_p=dropout_p, seed=seed)
+    kw = dict(scale=scale, window=tuple(window), softcap=softcap, dropout_p=dropout_p, seed=seed,
+              buffer=_tiles.Workspace())
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
     dsinks = None if sinks is None else torch.zeros(sinks.shape[0], dtype=torch.float64)
     dmask = None
@@ -86,6 +87,7 @@ def _dense(ins, grads, sinks, tiles):
             dvh.mul_(1.0 / (1.0 - tiles.dropout_p))
         _tiles.scatter_kv(dk, dkh.mul_(tiles.scale), bs, hs)
         _tiles.scatter_kv(dv, dvh, bs, hs)
+        del kh, vh, dkh, dvh  # one slab's k/v copies at a time
 
 
 def _rows(qt, dot, lse_r, delta, kh, vh, dkh, dvh, dmask, tiles, bs, hs, i0, i1):

@@ -23,8 +23,8 @@ logit (if any) entering as one more term of l_i that carries no value.
 [Note] fully masked rows
     A row that has kept no key so far has m_i = -inf; the exponent is taken against the lowest
     finite float instead (``m_use``) so no ``-inf - -inf`` NaN appears and l_i, acc stay 0. A
-    row that ends with l_i = 0 gets out 0 and lse -inf; with sinks its l_i is exp2(0) = 1
-    against m_i = sink, so out 0 and lse = the sink logit.
+    row that ends with l_i = 0 gets out 0 and lse -inf; with sinks its only term is the sink's
+    exp2(sink - m_i), so out 0 and lse = the sink logit.
 """
 
 import torch
@@ -43,7 +43,8 @@ def forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, 
     varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D[v]), cu_seqlens_* int32 (B+1,) -> out (Tq, Hq, Dv),
             lse (Hq, Tq); one dense problem per sequence b (dropout batch id b).
     """
-    kw = dict(scale=scale, window=tuple(window), softcap=softcap, dropout_p=dropout_p, seed=seed)
+    kw = dict(scale=scale, window=tuple(window), softcap=softcap, dropout_p=dropout_p, seed=seed,
+              buffer=_tiles.Workspace())
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     if cu_seqlens_q is None:
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
@@ -64,9 +65,9 @@ def forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, 
 def _dense(q, k, v, out, lse, sinks, tiles):
     """One dense problem: fill ``out`` (B, Sq, Hq, Dv) and ``lse`` (B, Hq, Sq) (views allowed)."""
     g = tiles.g
+    if tiles.sq == 0:
+        return
     for bs, hs in tiles.slabs():
-        if tiles.sq == 0:
-            break
         kh, vh = _tiles.slab_kv(k, bs, hs), _tiles.slab_kv(v, bs, hs)  # fp32 (Bc*Hc, Sk, D[v])
         kmax, vmax = 0.0, 0.0
         if tiles.sk:
@@ -78,7 +79,9 @@ def _dense(q, k, v, out, lse, sinks, tiles):
             fixed = v_ok and tiles.score_bound(qt, kmax) <= _tiles.EXP2_SAFE
             o, lse2 = _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed)
             _tiles.scatter_rows(out, o, bs, hs, g, i0, i1)
-            lse[bs, hs.start * g:hs.stop * g, i0:i1] = (lse2 * LN2).view(-1, hs.stop - hs.start, g, i1 - i0).flatten(1, 2)
+            lse2 = lse2.view(-1, hs.stop - hs.start, g, i1 - i0).flatten(1, 2)  # (Bc, Hc*G, M)
+            lse[bs, hs.start * g:hs.stop * g, i0:i1] = lse2 * LN2
+        del kh, vh  # one slab's k/v copies at a time
 
 
 def _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed):
