@@ -1,9 +1,8 @@
 """Triton forward (``tileattn.backends.triton.forward``) against the float64 oracle.
 
 Without CUDA the kernels run in the Triton interpreter on CPU tensors (fp32/fp16 only: bf16
-``tl.dot`` is broken there); on a CUDA machine the same tests run compiled, plus bf16 and the
-``slow`` large-tensor case. Every test here is marked ``gpu`` on a CUDA machine so that
-``make test-gpu`` (``-m gpu``) runs the whole file there.
+``tl.dot`` is broken there); on a CUDA machine (``make test-gpu``) the same tests run compiled, plus bf16 and the
+``slow`` large-tensor case.
 """
 
 import pytest
@@ -14,9 +13,6 @@ from tileattn import _philox, plan, reference
 from tileattn.backends.triton.forward import forward, run_forward
 
 CUDA = torch.cuda.is_available()
-# triton 3.6's interpreter turns 1-element loop bounds into ints the way numpy 1.25+ deprecates
-pytestmark = [pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
-pytestmark += [pytest.mark.gpu] if CUDA else []
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 TINY = [plan.FwdConfig(16, 16, 4, 1)]  # many tiles on short sequences: every block-range edge
 SM90 = CUDA and torch.cuda.get_device_capability()[0] >= 9

@@ -1,4 +1,4 @@
-"""Public entry points: validate, fill defaults, pick a backend, call the custom ops.
+"""Public entry points: validate, fill defaults, pick a backend, call the ops (ops.py).
 
 Layout is (B, S, H, D) everywhere except ``sdpa``, which mirrors torch's (B, H, L, E).
 GQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``. Causal masks are aligned to the
@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from . import _checks, _philox, backends, ops
+from . import _checks, backends, ops
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa"]
 

@@ -109,13 +109,15 @@ class Tiles:
         """(j0, j1) key blocks of at most BLOCK_N keys that some row i0..i1-1 can keep.
 
         Row i keeps j iff (left < 0 or j >= i + off - left) and (right < 0 or j <= i + off + right);
-        key blocks entirely outside that band for every row are never visited.
+        key blocks entirely outside that band for every row are never visited. Blocks are cut
+        from ``hi`` down, so only the last block straddles a causal diagonal (cut from ``lo`` up,
+        a 512-key block could hold mostly masked keys); the online softmax is order-free.
         """
         left, right = self.window
         lo = 0 if left < 0 else max(0, i0 + self.off - left)
         hi = self.sk if right < 0 else min(self.sk, i1 - 1 + self.off + right + 1)
-        for j0 in range(lo, hi, BLOCK_N):
-            yield j0, min(j0 + BLOCK_N, hi)
+        for j1 in range(hi, lo, -BLOCK_N):
+            yield max(lo, j1 - BLOCK_N), j1
 
     def score_bound(self, q, kmax):
         """Upper bound on |s2| over all tiles of q tile (Bc*Hc, R, D) fp32, given kmax = max_j |k_j|.
