@@ -16,6 +16,7 @@ Run: :func:`~.cache_append.append_kv` (when new k/v are given), then
 """
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,9 @@ from .decode import decode_attention
 PROGRAMS_PER_SM = 3  # split until B * Hkv * row blocks * splits reaches ~3 programs per SM
 MIN_KEYS_PER_SPLIT = 256  # below this a split's prologue/epilogue outweighs its KV reads
 MAX_SPLITS = 128
-SMEM_PER_STAGE = 32 * 1024  # bytes of K + V tile per pipeline stage (3 stages fit with room)
+# keys per tile before the shared-memory cap; TILEATTN_DECODE_BLOCK_N overrides it for measuring
+BLOCK_N = int(os.environ.get("TILEATTN_DECODE_BLOCK_N", "64"))
+SMEM_PER_STAGE = 32 * 1024 * max(1, BLOCK_N // 64)  # bytes of K + V per pipeline stage (x3 stages)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, num_splits, device):
         block_m, block_n = 16, 64 if width <= 128 else 16
     else:
         block_m = min(64, max(16, triton.next_power_of_2(rows)))
-        block_n = 64
+        block_n = BLOCK_N
         while block_n > 16 and block_n * width * elt_size > SMEM_PER_STAGE:
             block_n //= 2
     m_blocks = triton.cdiv(rows, block_m)
