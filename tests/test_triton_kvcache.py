@@ -153,6 +153,14 @@ def test_batch_invariance(device, splits):
     assert torch.equal(out_b, out[b:b + 1]) and torch.equal(lse_b, lse[b:b + 1])
 
 
+@pytest.mark.parametrize("page", [None, 16])
+def test_long_splits_use_128_key_tiles(device, page):
+    """Capacity per split >= LONG_SPLIT in 16-bit: the 128-key tile path, against the oracle."""
+    args = _case(1, 1, 4, 2, 64, [1500], 2048, torch.float16, device, page=page)
+    assert plan_kvcache(args[0], args[1], args[2], args[6], num_splits=1).block_n == 128
+    _check(*args, num_splits=1)
+
+
 def test_choose_num_splits():
     assert choose_num_splits(64, 8, 4096, 132) == 1
     assert choose_num_splits(16, 8, 32768, 132) == 4

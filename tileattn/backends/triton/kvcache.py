@@ -16,7 +16,6 @@ Run: :func:`~.cache_append.append_kv` (when new k/v are given), then
 """
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +27,10 @@ from .decode import decode_attention
 PROGRAMS_PER_SM = 3  # split until B * Hkv * row blocks * splits reaches ~3 programs per SM
 MIN_KEYS_PER_SPLIT = 256  # below this a split's prologue/epilogue outweighs its KV reads
 MAX_SPLITS = 128
-# keys per tile before the shared-memory cap; TILEATTN_DECODE_BLOCK_N overrides it for measuring
-BLOCK_N = int(os.environ.get("TILEATTN_DECODE_BLOCK_N", "64"))
-SMEM_PER_STAGE = 32 * 1024 * max(1, BLOCK_N // 64)  # bytes of K + V per pipeline stage (x3 stages)
+LONG_SPLIT = 1024  # keys of capacity per split from which 128-key tiles beat 64-key ones
+# Measured on the H100 (bf16, Hq=32, Hkv=8, D=128, CUDA-graph replay): 128-key tiles took
+# B=16/32k from 2.80 to 3.08 TB/s and B=64 from 2.75-2.81 to 3.05-3.12 TB/s, but cost 2-6% at
+# B=1 where 16-50 splits leave each program only 256-650 keys.
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,17 @@ def _num_sms(device):
 def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, num_splits, device):
     rows = Sn * (Hq // Hkv)
     width = triton.next_power_of_2(D) + triton.next_power_of_2(Dv)
-    if elt_size == 4:  # fp32: ieee dots run on FMA from registers; larger tiles spill (ptxas)
-        block_m, block_n = 16, 64 if width <= 128 else 16
-    else:
-        block_m = min(64, max(16, triton.next_power_of_2(rows)))
-        block_n = BLOCK_N
-        while block_n > 16 and block_n * width * elt_size > SMEM_PER_STAGE:
-            block_n //= 2
+    block_m = 16 if elt_size == 4 else min(64, max(16, triton.next_power_of_2(rows)))
     m_blocks = triton.cdiv(rows, block_m)
     if num_splits <= 0:
         num_splits = choose_num_splits(B, Hkv, capacity, _num_sms(device), m_blocks=m_blocks)
+    if elt_size == 4:  # fp32: ieee dots run on FMA from registers; larger tiles spill (ptxas)
+        block_n = 64 if width <= 128 else 16
+    else:
+        long = width <= 256 and capacity // num_splits >= LONG_SPLIT
+        block_n, stage_bytes = (128, 64 * 1024) if long else (64, 32 * 1024)
+        while block_n > 16 and block_n * width * elt_size > stage_bytes:
+            block_n //= 2
     num_warps = 8 if block_m * triton.next_power_of_2(max(D, Dv)) > 64 * 128 else 4
     return DecodePlan(block_m, block_n, m_blocks, num_splits, num_warps, num_stages=3)
 
