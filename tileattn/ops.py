@@ -4,7 +4,8 @@ Layer: public API (api.py) -> these ops -> backend modules. The ops take normali
 validated arguments (see tileattn/backends/__init__.py); they broadcast ALiBi slopes and the
 attention mask to their full shapes as stride-0 views, call the backend, and wire autograd.
 Registering them as custom ops makes every entry point traceable by
-``torch.compile(fullgraph=True)``.
+``torch.compile(fullgraph=True)``; eager calls take the same implementations through
+``EagerAttention`` / ``kvcache_impl`` directly, skipping the dispatcher's host overhead.
 """
 
 from typing import Optional
@@ -127,7 +128,7 @@ def _backward(ctx, dout, dlse):
     out, lse = saved[-2:]
     bwd = bwd_impl if getattr(ctx, "eager", False) else attention_bwd
     dq, dk, dv, dsinks, dmask = bwd(dout, args["q"], args["k"], args["v"], out, lse,
-                                              *(args[n] for n in _FWD_ARGS[3:]))
+                                    *(args[n] for n in _FWD_ARGS[3:]))
     grads = dict(q=dq, k=dk, v=dv)
     if args["sinks"] is not None:
         grads["sinks"] = dsinks
