@@ -5,10 +5,10 @@
     >>> out = tileattn.attention(q, k, v, causal=True)
 """
 
-from . import backends, kvcache, reference
+from . import backends, kvcache, plan, reference
 from .api import attention, attention_varlen, attention_with_kvcache, sdpa
 
 backends._load_all()
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa", "kvcache", "reference",
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa", "kvcache", "plan", "reference",
            "__version__"]
