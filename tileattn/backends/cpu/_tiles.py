@@ -83,6 +83,7 @@ class Tiles:
         self.block_m = max(1, BLOCK_ROWS // self.g)
         # alpha of q @ k^T: base-2 scores directly, or s / softcap for the tanh
         self.alpha = self.scale / self.softcap if self.softcap > 0 else self.scale * LOG2E
+        self._bias_cache = {}  # window biases by tile geometry (see _window_bias)
 
     # ------------------------------------------------------------------ iteration
 
@@ -141,6 +142,14 @@ class Tiles:
         the backward's softcap derivative), when ``keep_x`` and softcap > 0, else None.
         """
         s = self.buffer("s", q.shape[0], q.shape[1], k.shape[1])
+        if self.softcap <= 0 and self.alibi is None and self.attn_mask is None:
+            # only the causal / window step: its bias rides in the matmul (beta = 1), no extra pass
+            bias = self._window_bias(i0, i1, j0, j1)
+            if bias is None:
+                torch.baddbmm(s, q, k.transpose(1, 2), beta=0.0, alpha=self.alpha, out=s)
+            else:
+                torch.baddbmm(bias, q, k.transpose(1, 2), beta=1.0, alpha=self.alpha, out=s)
+            return s, None
         torch.baddbmm(s, q, k.transpose(1, 2), beta=0.0, alpha=self.alpha, out=s)
         x = None
         if self.softcap > 0:  # 2. s = c * tanh(s / c), in base 2
@@ -182,6 +191,27 @@ class Tiles:
         cols = torch.arange(j0, j1, dtype=torch.float32)
         return cols - torch.arange(i0 + self.off, i1 + self.off, dtype=torch.float32).unsqueeze(-1)
 
+    def _window_bias(self, i0, i1, j0, j1):
+        """fp32 (G*M, N) additive window bias (0 keep, -inf drop) of a tile, or None when every
+        (i, j) is inside the band. Cached by the tile's geometry: the diagonal tiles of a causal
+        problem mostly share one."""
+        left, right = self.window
+        cut_left = left >= 0 and j0 < i1 - 1 + self.off - left
+        cut_right = right >= 0 and j1 - 1 > i0 + self.off + right
+        if not (cut_left or cut_right):
+            return None
+        key = (i0 + self.off - j0, i1 - i0, j1 - j0)
+        cache = self._bias_cache
+        bias = cache.get(key)
+        if bias is None:
+            bias = keep_bias(self._window_keep(i0, i1, j0, j1))
+            if self.g > 1:
+                bias = bias.unsqueeze(0).expand(self.g, -1, -1).reshape(-1, j1 - j0)
+            if len(cache) >= 8:
+                cache.clear()
+            cache[key] = bias
+        return bias
+
     def _window_keep(self, i0, i1, j0, j1):
         """fp32 (M, N) window keep-mask (1 keep, 0 drop) of a tile, or None when every (i, j)
         is inside the band (then no masking arithmetic runs at all)."""
@@ -218,10 +248,12 @@ def _unexpand(x):
 # ---------------------------------------------------------------------- layout moves
 
 
-def slab_kv(x, bs, hs):
-    """Native (B, Sk, Hkv, D) any strides / float dtype -> fp32 contiguous (Bc*Hc, Sk, D) copy."""
+def slab_kv(x, bs, hs, buf=None):
+    """Native (B, Sk, Hkv, D) any strides / float dtype -> fp32 contiguous (Bc*Hc, Sk, D) copy
+    (into ``buf``, a reused buffer of that shape, when given)."""
     part = x[bs, :, hs].permute(0, 2, 1, 3)
-    return torch.empty(part.shape, dtype=torch.float32).copy_(part).flatten(0, 1)
+    out = torch.empty(part.shape, dtype=torch.float32) if buf is None else buf.view(part.shape)
+    return out.copy_(part).flatten(0, 1)
 
 
 def scatter_kv(dst, tile, bs, hs):
@@ -230,11 +262,12 @@ def scatter_kv(dst, tile, bs, hs):
     part.copy_(tile.view(part.shape[0], part.shape[2], part.shape[1], part.shape[3]).transpose(1, 2))
 
 
-def gather_rows(x, bs, hs, g, i0, i1):
-    """Native (B, S, Hq, D) rows i0..i1 of the slab -> (Bc*Hc, G*M, D) fp32 contiguous copy."""
+def gather_rows(x, bs, hs, g, i0, i1, buf=None):
+    """Native (B, S, Hq, D) rows i0..i1 of the slab -> (Bc*Hc, G*M, D) fp32 contiguous copy
+    (into ``buf``, a reused buffer of that shape, when given)."""
     part = x[bs, i0:i1, hs.start * g:hs.stop * g]
     part = part.unflatten(2, (hs.stop - hs.start, g)).permute(0, 2, 3, 1, 4)  # (Bc, Hc, G, M, D)
-    out = torch.empty(part.shape, dtype=torch.float32)
+    out = torch.empty(part.shape, dtype=torch.float32) if buf is None else buf.view(part.shape)
     return out.copy_(part).view(-1, g * (i1 - i0), x.shape[-1])
 
 

@@ -68,14 +68,17 @@ def _dense(q, k, v, out, lse, sinks, tiles):
     if tiles.sq == 0:
         return
     for bs, hs in tiles.slabs():
-        kh, vh = _tiles.slab_kv(k, bs, hs), _tiles.slab_kv(v, bs, hs)  # fp32 (Bc*Hc, Sk, D[v])
+        nbh = (bs.stop - bs.start) * (hs.stop - hs.start)
+        buf = tiles.buffer  # reused across slabs: fresh multi-MiB copies cost page faults
+        kh = _tiles.slab_kv(k, bs, hs, buf("kh", nbh, tiles.sk, k.shape[-1]))  # fp32 (Bc*Hc, Sk, D)
+        vh = _tiles.slab_kv(v, bs, hs, buf("vh", nbh, tiles.sk, v.shape[-1]))
         kmax, vmax = 0.0, 0.0
         if tiles.sk:
             kmax = float(torch.linalg.vector_norm(kh, dim=-1).max())
             vmax = max(abs(float(x)) for x in torch.aminmax(vh))
         v_ok = 2.0 ** -40 <= vmax <= 2.0 ** 40 and tiles.sk <= 2 ** 22  # [Note] fixed reference max
         for i0, i1 in tiles.q_blocks():
-            qt = _tiles.gather_rows(q, bs, hs, g, i0, i1)
+            qt = _tiles.gather_rows(q, bs, hs, g, i0, i1, buf("q", nbh, g * (i1 - i0), q.shape[-1]))
             fixed = v_ok and tiles.score_bound(qt, kmax) <= _tiles.EXP2_SAFE
             o, lse2 = _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed)
             _tiles.scatter_rows(out, o, bs, hs, g, i0, i1)
@@ -93,7 +96,7 @@ def _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed):
     n, r = qt.shape[:2]
     m_i = torch.full((n, r), 0.0 if fixed else NEG_INF)
     l_i = torch.zeros(n, r)
-    acc = torch.zeros(n, r, vh.shape[-1])
+    acc = tiles.buffer("acc", n, r, vh.shape[-1]).zero_()
     for j0, j1 in tiles.k_blocks(i0, i1):
         s, _ = tiles.scores(qt, kh[:, j0:j1], bs, hs, i0, i1, j0, j1)
         if fixed:
