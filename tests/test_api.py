@@ -50,7 +50,7 @@ def _dtypes(backend):
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _params(with_grad=False):
+def _params():
     out = []
     for backend in ("cpu", "triton"):
         for dtype in _dtypes(backend):
@@ -92,21 +92,21 @@ def test_backward(backend, device, dtype, shape, spec):
         out = tileattn.attention(q, k, v, backend=backend, **kw)
     except NotImplementedError as err:
         pytest.skip(str(err))
-    wrt = [q, k, v] + [kw[n] for n in ("sinks", "attn_mask") if n in kw and kw[n].requires_grad]
+    extra = [n for n in ("sinks", "attn_mask") if n in kw and kw[n].requires_grad]
+    wrt = [q, k, v] + [kw[n] for n in extra]
     grads = torch.autograd.grad(out, wrt, dout)
-    for upcast in (True, False):
-        cast = (lambda t: leaf(t.cpu(), torch.float64)) if upcast else (lambda t: leaf(t.cpu()))
-        leaves = [cast(t) for t in wrt]
-        rkw = dict(_ref_kw(kw), **{n: leaves[3 + i] for i, n in enumerate(
-            n for n in ("sinks", "attn_mask") if n in kw and kw[n].requires_grad)})
-        o, _ = reference.attention(*leaves[:3], upcast=upcast, **rkw)
-        ref = torch.autograd.grad(o, leaves, dout.cpu().to(o.dtype))
-        if upcast:
-            hi = ref
-        else:
-            lo = ref
-    for name, g, h, l in zip(["dq", "dk", "dv", "dextra1", "dextra2"], grads, hi, lo):
+    hi = _reference_grads(wrt, extra, kw, dout, upcast=True)
+    lo = _reference_grads(wrt, extra, kw, dout, upcast=False)
+    for name, g, h, l in zip(["dq", "dk", "dv"] + [f"d{n}" for n in extra], grads, hi, lo):
         assert_close(name, g, h, l, c=3.0, dtype=dtype)
+
+
+def _reference_grads(wrt, extra, kw, dout, upcast):
+    """Oracle gradients w.r.t. ``wrt`` (q, k, v, then the ``extra`` keywords): float64 or q's dtype."""
+    leaves = [leaf(t.cpu(), torch.float64) if upcast else leaf(t.cpu()) for t in wrt]
+    rkw = dict(_ref_kw(kw), **dict(zip(extra, leaves[3:])))
+    o, _ = reference.attention(*leaves[:3], upcast=upcast, **rkw)
+    return torch.autograd.grad(o, leaves, dout.cpu().to(o.dtype))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
