@@ -6,7 +6,6 @@ sink logit joins the logsumexp as one more term with a zero output. A row with n
 in any split (and no sink) gets out = 0, lse = -inf, never NaN.
 """
 
-import torch
 import triton
 import triton.language as tl
 
