@@ -103,6 +103,12 @@ def index_tensor(name: str, t, q: torch.Tensor, rank: int) -> None:
         raise ValueError(f"tileattn: {name} must have {rank} dims, got shape {tuple(t.shape)}")
 
 
+def cache_capacity(k_cache: torch.Tensor, block_table) -> int:
+    """Tokens one sequence can hold: Smax of a contiguous (B, Smax, Hkv, D) cache, or
+    max_blocks * block_size of a paged (num_blocks, block_size, Hkv, D) cache."""
+    return k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+
+
 def cu_seqlens(name: str, cu, total: int, q: torch.Tensor) -> None:
     index_tensor(name, cu, q, 1)
     if cu.numel() < 2:

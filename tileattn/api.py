@@ -50,10 +50,12 @@ def _needs(*tensors) -> str:
     return "backward" if grad else "forward"
 
 
-def _window(causal: bool, window) -> tuple:
-    """Fold ``causal`` into the (left, right) window: causal keeps j <= i + off."""
+def _scale_and_window(q, scale, causal: bool, window) -> tuple:
+    """(scale, left, right): scale defaults to 1/sqrt(D); ``causal`` folds into the window's
+    right edge (causal keeps j <= i + off)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     left, right = window
-    return (left, 0) if causal else (left, right)
+    return scale, left, (0 if causal else right)
 
 
 def _seed(dropout_p: float):
@@ -162,8 +164,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
 def _run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, alibi_slopes, sinks,
          attn_mask, dropout_p, deterministic, return_lse, name):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    left, right = _window(causal, window)
+    scale, left, right = _scale_and_window(q, scale, causal, window)
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float()
     if sinks is not None:
@@ -189,7 +190,7 @@ class _NoBackward(torch.autograd.Function):
 
 
 def _kvcache_checks(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
-    """Validate shapes of a (paged) cache call; return the cache capacity per sequence."""
+    """Validate a (paged) cache call; value checks (lengths, page ids) only where they cost no sync."""
     _checks.tensor("q", q, 4)
     _checks.tensor("k_cache", k_cache, 4)
     _checks.tensor("v_cache", v_cache, 4)
@@ -214,13 +215,12 @@ def _kvcache_checks(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
     if block_table is None:
         if k_cache.shape[0] != batch:
             raise ValueError(f"tileattn: contiguous k_cache must have batch {batch} in dim 0, got {k_cache.shape[0]}")
-        capacity = k_cache.shape[1]
     else:
         _checks.index_tensor("block_table", block_table, q, 2)
         if block_table.shape[0] != batch:
             raise ValueError(f"tileattn: block_table must have B={batch} rows, got {block_table.shape[0]}")
-        capacity = block_table.shape[1] * k_cache.shape[1]
     if _checks.debug_checks(cache_seqlens):
+        capacity = _checks.cache_capacity(k_cache, block_table)
         new = 0 if k is None else sn
         longest = int(cache_seqlens.max()) + new if batch else 0
         if batch and int(cache_seqlens.min()) < 0:
@@ -272,8 +272,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         raise ValueError(f"tileattn: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     name = _backend(backend, q, "forward_kvcache")
     q, k, v = _unit_stride(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    left, right = _window(causal, window)
+    scale, left, right = _scale_and_window(q, scale, causal, window)
     alibi_slopes = None if alibi_slopes is None else alibi_slopes.float()
     sinks = None if sinks is None else sinks.detach().float()
     args = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, left, right, float(softcap),

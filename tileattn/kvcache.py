@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from tileattn._checks import debug_checks
+from tileattn._checks import cache_capacity, debug_checks
 
 
 @dataclass
@@ -56,7 +56,7 @@ class KVCache:
     @property
     def capacity(self) -> int:
         """Tokens each sequence can hold: Smax, or max_blocks * block_size when paged."""
-        return self.block_table.shape[1] * self.k.shape[1] if self.paged else self.k.shape[1]
+        return cache_capacity(self.k, self.block_table)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k (B, Sn, Hkv, D), v (B, Sn, Hkv, Dv) after each sequence's tokens; advance seqlens."""
@@ -118,8 +118,7 @@ def append(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
             raise TypeError(f"tileattn: {name} is {new.dtype} on {new.device} but the cache is {cache.dtype} on {cache.device}")
     cache_seqlens = _seqlens(cache_seqlens, batch, k_cache.device)
     if debug_checks(k_cache):
-        capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
-        _check_lengths(cache_seqlens, k.shape[1], capacity, block_table, k_cache.shape[0], k_cache.shape[1])
+        _check_lengths(cache_seqlens, k.shape[1], cache_capacity(k_cache, block_table), block_table, k_cache.shape[0], k_cache.shape[1])
     from tileattn.backends.cpu.decode import append_  # the attention path's own writes (torch ops, any device)
 
     append_(k_cache, v_cache, k, v, cache_seqlens, block_table)

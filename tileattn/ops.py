@@ -18,14 +18,20 @@ from . import backends
 _EMPTY = (0,)
 
 
+def _full_slopes(alibi_slopes, batch: int, hq: int):
+    """ALiBi slopes as the contract's (B, Hq): a (Hq,) input becomes a stride-0 expand."""
+    if alibi_slopes is not None and alibi_slopes.dim() == 1:
+        return alibi_slopes.expand(batch, hq)
+    return alibi_slopes
+
+
 def _call_args(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, k, alibi_slopes, attn_mask, scale,
                window_left, window_right, softcap, sinks, dropout_p, seed, cu_seqlens_k):
     """Keyword arguments of the backend contract, with alibi/mask expanded to full shape."""
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     hq = q.shape[-2]
-    if alibi_slopes is not None and alibi_slopes.dim() == 1:
-        alibi_slopes = alibi_slopes.expand(batch, hq)
+    alibi_slopes = _full_slopes(alibi_slopes, batch, hq)
     if attn_mask is not None:
         attn_mask = attn_mask.expand(batch, hq, q.shape[1], k.shape[1])
     return dict(scale=scale, window=(window_left, window_right), softcap=softcap,
@@ -167,8 +173,7 @@ def kvcache_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Optional[Te
                  alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], num_splits: int,
                  backend: str) -> tuple[Tensor, Tensor]:
     """Append k_new/v_new into the cache in place, then attend -> (out, lse)."""
-    if alibi_slopes is not None and alibi_slopes.dim() == 1:
-        alibi_slopes = alibi_slopes.expand(q.shape[0], q.shape[2])
+    alibi_slopes = _full_slopes(alibi_slopes, q.shape[0], q.shape[2])
     out, lse = backends.get(backend).forward_kvcache(
         q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, block_table=block_table,
         scale=scale, window=(window_left, window_right), softcap=softcap,

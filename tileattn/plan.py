@@ -30,6 +30,7 @@ Not used: ``tl.range(..., warp_specialize=True)``. With triton 3.6 on sm_90 it o
 producer/consumer warpgroups there need Gluon.
 """
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -102,11 +103,18 @@ def _head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _target(t: torch.Tensor):
+def device_target(t: torch.Tensor):
+    """(target, description) for tensors like ``t``: "interpreter", "sm_90" (Hopper+) or "cuda"."""
     if t.device.type != "cuda":
         return "interpreter", "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors"
-    major, minor = torch.cuda.get_device_capability(t.device)
-    name = torch.cuda.get_device_name(t.device)
+    return _cuda_target(t.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(device: torch.device):
+    """Device queries once per device, not on every call's hot path."""
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
     return ("sm_90" if major >= 9 else "cuda"), f"sm_{major}{minor} ({name})"
 
 
@@ -174,7 +182,7 @@ def forward_plan(q, k, v, *, window=(-1, -1), softcap=0.0, alibi_slopes=None, si
     ``configs`` / ``use_tma`` override the choice (tests force TMA in the interpreter and tiny
     blocks); everything else follows the module docstring.
     """
-    target, device = _target(q)
+    target, device = device_target(q)
     block_d, block_dv = _head_block(q.shape[-1]), _head_block(v.shape[-1])
     features = tuple(name for name, on in (
         ("varlen", varlen), (f"causal/window {tuple(window)}", tuple(window) != (-1, -1)),

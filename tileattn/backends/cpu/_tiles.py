@@ -191,14 +191,17 @@ class Tiles:
         cols = torch.arange(j0, j1, dtype=torch.float32)
         return cols - torch.arange(i0 + self.off, i1 + self.off, dtype=torch.float32).unsqueeze(-1)
 
+    def _cuts(self, i0, i1, j0, j1):
+        """(cut_left, cut_right): whether the window's left / right edge crosses the tile."""
+        left, right = self.window
+        return (left >= 0 and j0 < i1 - 1 + self.off - left,
+                right >= 0 and j1 - 1 > i0 + self.off + right)
+
     def _window_bias(self, i0, i1, j0, j1):
         """fp32 (G*M, N) additive window bias (0 keep, -inf drop) of a tile, or None when every
         (i, j) is inside the band. Cached by the tile's geometry: the diagonal tiles of a causal
         problem mostly share one."""
-        left, right = self.window
-        cut_left = left >= 0 and j0 < i1 - 1 + self.off - left
-        cut_right = right >= 0 and j1 - 1 > i0 + self.off + right
-        if not (cut_left or cut_right):
+        if not any(self._cuts(i0, i1, j0, j1)):
             return None
         key = (i0 + self.off - j0, i1 - i0, j1 - j0)
         cache = self._bias_cache
@@ -216,8 +219,7 @@ class Tiles:
         """fp32 (M, N) window keep-mask (1 keep, 0 drop) of a tile, or None when every (i, j)
         is inside the band (then no masking arithmetic runs at all)."""
         left, right = self.window
-        cut_left = left >= 0 and j0 < i1 - 1 + self.off - left
-        cut_right = right >= 0 and j1 - 1 > i0 + self.off + right
+        cut_left, cut_right = self._cuts(i0, i1, j0, j1)
         if not (cut_left or cut_right):
             return None
         diff = self._diff(i0, i1, j0, j1)

@@ -27,6 +27,7 @@ import torch
 import triton
 
 from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
+from tileattn.plan import bucket, device_target
 
 LOG2E = 1.4426950408889634
 
@@ -81,7 +82,7 @@ def _configs(table, t, block_d, block_dv, work):
     if t.device.type != "cuda":
         return table[("interpreter", "", 0)]
     width = "32" if t.dtype == torch.float32 else "16"
-    target = "sm_90" if width == "16" and torch.cuda.get_device_capability(t.device)[0] >= 9 else "cuda"
+    target = "sm_90" if width == "16" and device_target(t)[0] == "sm_90" else "cuda"
     configs = table[(target, width, max(64, block_d, block_dv))]
     return configs[:1] if os.environ.get("TILEATTN_AUTOTUNE") == "0" or work < 512 * 512 else configs
 
@@ -125,11 +126,6 @@ def _launcher(kernel, which, configs, features):
         _TUNED[key] = triton.autotune(cfgs, key=["tune_sq", "tune_sk"],
                                       prune_configs_by={"early_config_prune": _prune(which)})(kernel)
     return _TUNED[key], {}
-
-
-def _bucket(n):
-    """Autotune key of a sequence length: next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
 
 
 def _strides(t, varlen):
@@ -190,9 +186,9 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     tail = (stride_lb, stride_lh, *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
             *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)))
     scalars = (scale, scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E, left, right,
-               float(dropout_p), int(seed) if dropout_p > 0 else 0, _bucket(max_seqlen_q), _bucket(max_seqlen_k))
+               float(dropout_p), int(seed) if dropout_p > 0 else 0, bucket(max_seqlen_q), bucket(max_seqlen_k))
 
-    work = _bucket(max_seqlen_q) * _bucket(max_seqlen_k)
+    work = bucket(max_seqlen_q) * bucket(max_seqlen_k)
     kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv, work), features)
     kernel[lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
         q, k, v, dout, lse, delta, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from tileattn._checks import cache_capacity
+
 from .cache_append import append_kv
 from .decode import decode_attention
 
@@ -91,9 +93,8 @@ def plan_kvcache(q, k_cache, v_cache, block_table, num_splits=0):
     ``num_splits`` > 0 is kept as given; 0 asks :func:`choose_num_splits`.
     """
     B, Sn, Hq, D = q.shape
-    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
     return _make_plan(B, Sn, Hq, k_cache.shape[2], D, v_cache.shape[3], k_cache.element_size(),
-                      capacity, int(num_splits), q.device)
+                      cache_capacity(k_cache, block_table), int(num_splits), q.device)
 
 
 def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, scale, window,
