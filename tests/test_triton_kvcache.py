@@ -154,8 +154,8 @@ def test_batch_invariance(device, splits):
 
 
 @pytest.mark.parametrize("page", [None, 16])
-def test_long_splits_use_128_key_tiles(device, page):
-    """Capacity per split >= LONG_SPLIT in 16-bit: the 128-key tile path, against the oracle."""
+def test_16bit_uses_128_key_tiles(device, page):
+    """16-bit caches with D + Dv <= 256: the 128-key tile path, against the oracle."""
     args = _case(1, 1, 4, 2, 64, [1500], 2048, torch.float16, device, page=page)
     assert plan_kvcache(args[0], args[1], args[2], args[6], num_splits=1).block_n == 128
     _check(*args, num_splits=1)
@@ -163,11 +163,13 @@ def test_long_splits_use_128_key_tiles(device, page):
 
 def test_choose_num_splits():
     assert choose_num_splits(64, 8, 4096, 132) == 1
-    assert choose_num_splits(16, 8, 32768, 132) == 4
+    assert choose_num_splits(16, 8, 32768, 132) == 1
+    assert choose_num_splits(4, 8, 32768, 132) == 4
     assert choose_num_splits(1, 8, 4096, 132) == 16
-    assert choose_num_splits(1, 8, 32768, 132) == 50
+    assert choose_num_splits(1, 8, 32768, 132) == 16
     assert choose_num_splits(1, 8, 100, 132) == 1
     assert choose_num_splits(1, 1, 10 ** 7, 132) == 128
+    assert choose_num_splits(1, 8, 32768, 132, m_blocks=4) == 4
 
 
 # ----------------------------------------------------------------------------- GPU only

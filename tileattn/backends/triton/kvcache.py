@@ -16,6 +16,7 @@ Run: :func:`~.cache_append.append_kv` (when new k/v are given), then
 """
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,13 +27,13 @@ from tileattn._checks import cache_capacity
 from .cache_append import append_kv
 from .decode import decode_attention
 
-PROGRAMS_PER_SM = 3  # split until B * Hkv * row blocks * splits reaches ~3 programs per SM
 MIN_KEYS_PER_SPLIT = 256  # below this a split's prologue/epilogue outweighs its KV reads
 MAX_SPLITS = 128
-LONG_SPLIT = 1024  # keys of capacity per split from which 128-key tiles beat 64-key ones
-# Measured on the H100 (bf16, Hq=32, Hkv=8, D=128, CUDA-graph replay): 128-key tiles took
-# B=16/32k from 2.80 to 3.08 TB/s and B=64 from 2.75-2.81 to 3.05-3.12 TB/s, but cost 2-6% at
-# B=1 where 16-50 splits leave each program only 256-650 keys.
+STAGE_BYTES = 64 * 1024  # K + V bytes of one 16-bit key tile: 128 keys at D = Dv = 128
+# Measured on the H200 (bf16, Hq=32, Hkv=8, D=128, CUDA-graph replay, scripts/decode_probe.py
+# sweep of 1-64 splits x 64/128-key tiles): the fastest split count makes B * Hkv * splits
+# about one program per SM at every batch (B=1/32k: 16 splits 36.8 us vs 50 splits 40-45 us;
+# B=16/4k: 1 split 64.0 us vs 4 splits 73-75 us), and 128-key tiles win or tie everywhere.
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,12 @@ class DecodePlan:
 def choose_num_splits(batch, hkv, max_seqlen_k_capacity, num_sms, *, m_blocks=1):
     """Split count for flash-decoding from host-known sizes only.
 
-    One split while ``batch * hkv * m_blocks`` programs already give ~PROGRAMS_PER_SM per SM;
-    otherwise enough splits to get there, but no split shorter than MIN_KEYS_PER_SPLIT keys
-    of capacity, and at most MAX_SPLITS. E.g. on 132 SMs with Hkv = 8: batch 1 x 4k -> 16,
-    batch 1 x 32k -> 50, batch 16 -> 4, batch 64 -> 1.
+    About one program per SM: ``num_sms // (batch * hkv * m_blocks)`` splits, at least one,
+    no split shorter than MIN_KEYS_PER_SPLIT keys of capacity, at most MAX_SPLITS. E.g. on 132
+    SMs with Hkv = 8: batch 1 x 4k -> 16, batch 1 x 32k -> 16, batch 4 -> 4, batch >= 16 -> 1.
     """
     programs = batch * hkv * m_blocks
-    splits = triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
+    splits = num_sms // programs
     return max(1, min(splits, max_seqlen_k_capacity // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
@@ -64,11 +64,11 @@ def choose_num_splits(batch, hkv, max_seqlen_k_capacity, num_sms, *, m_blocks=1)
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: few programs keep CPU tests fast
+    return 8  # interpreter: few programs keep CPU tests fast (B=1, Hkv=2: 4 splits)
 
 
 @functools.lru_cache(maxsize=256)
-def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, num_splits, device):
+def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, num_splits, device, forced_block_n):
     rows = Sn * (Hq // Hkv)
     width = triton.next_power_of_2(D) + triton.next_power_of_2(Dv)
     block_m = 16 if elt_size == 4 else min(64, max(16, triton.next_power_of_2(rows)))
@@ -78,10 +78,10 @@ def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, num_splits, device):
     if elt_size == 4:  # fp32: ieee dots run on FMA from registers; larger tiles spill (ptxas)
         block_n = 64 if width <= 128 else 16
     else:
-        long = width <= 256 and capacity // num_splits >= LONG_SPLIT
-        block_n, stage_bytes = (128, 64 * 1024) if long else (64, 32 * 1024)
-        while block_n > 16 and block_n * width * elt_size > stage_bytes:
+        block_n = 128
+        while block_n > 16 and block_n * width * elt_size > STAGE_BYTES:
             block_n //= 2
+    block_n = forced_block_n or block_n
     num_warps = 8 if block_m * triton.next_power_of_2(max(D, Dv)) > 64 * 128 else 4
     return DecodePlan(block_m, block_n, m_blocks, num_splits, num_warps, num_stages=3)
 
@@ -90,11 +90,13 @@ def plan_kvcache(q, k_cache, v_cache, block_table, num_splits=0):
     """DecodePlan for q (B, Sn, Hq, D) over these caches (cached by shapes; no device reads).
 
     Capacity per sequence: Smax for a contiguous cache, max_blocks * page_size when paged.
-    ``num_splits`` > 0 is kept as given; 0 asks :func:`choose_num_splits`.
+    ``num_splits`` > 0 is kept as given; 0 asks :func:`choose_num_splits`. The environment
+    variable ``TILEATTN_DECODE_BLOCK_N`` (a power of two >= 16) forces the key tile (tuning).
     """
     B, Sn, Hq, D = q.shape
     return _make_plan(B, Sn, Hq, k_cache.shape[2], D, v_cache.shape[3], k_cache.element_size(),
-                      cache_capacity(k_cache, block_table), int(num_splits), q.device)
+                      cache_capacity(k_cache, block_table), int(num_splits), q.device,
+                      int(os.environ.get("TILEATTN_DECODE_BLOCK_N", 0)))
 
 
 def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, scale, window,
