@@ -156,7 +156,14 @@ def test_kvcache_has_no_backward():
 
 
 def test_sdpa_errors():
+    """sdpa raises what torch's SDPA raises (RuntimeError), still a tileattn ValueError/TypeError."""
     q, k, v = (t.transpose(1, 2) for t in qkv())
-    raises(ValueError, "set enable_gqa=True", tileattn.sdpa, q, k, v)
+    raises(RuntimeError, "set enable_gqa=True", tileattn.sdpa, q, k, v)
+    raises(RuntimeError, "not both", tileattn.sdpa, q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool),
+           is_causal=True, enable_gqa=True)
     raises(ValueError, "not both", tileattn.sdpa, q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool),
            is_causal=True, enable_gqa=True)
+    raises(RuntimeError, "k has dtype torch.float16", tileattn.sdpa, q, k.half(), v, enable_gqa=True)
+    raises(TypeError, "k has dtype torch.float16", tileattn.sdpa, q, k.half(), v, enable_gqa=True)
+    with pytest.raises(RuntimeError):  # torch's own SDPA agrees on the exception class
+        torch.nn.functional.scaled_dot_product_attention(q, k.half(), v, enable_gqa=True)

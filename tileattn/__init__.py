@@ -6,9 +6,9 @@
 """
 
 from . import backends, kvcache, plan, reference
-from .api import attention, attention_varlen, attention_with_kvcache, sdpa
+from .api import SDPAInputError, attention, attention_varlen, attention_with_kvcache, sdpa
 
 backends._load_all()
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa", "kvcache", "plan", "reference",
-           "__version__"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa", "SDPAInputError", "kvcache", "plan",
+           "reference", "__version__"]

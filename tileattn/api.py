@@ -287,13 +287,28 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     return (out, lse) if return_lse else out
 
 
+class SDPAInputError(RuntimeError, ValueError, TypeError):
+    """Bad input to :func:`sdpa`: a ``RuntimeError`` as torch's SDPA raises, and the
+    ``ValueError`` / ``TypeError`` the rest of tileattn raises, so either ``except`` catches it."""
+
+
 def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on tileattn's kernels.
 
     Same layout (query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev); also (B, L, E)),
     same top-left aligned ``is_causal`` (torch's rule: row i keeps j <= i), same mask semantics
     (bool True = take part, float added), GQA only with ``enable_gqa=True``. Returns (B, H, L, Ev).
+    Bad input raises :class:`SDPAInputError` (a ``RuntimeError``, like torch's).
     """
+    try:
+        return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, SDPAInputError) or not str(err).startswith("tileattn:"):
+            raise
+        raise SDPAInputError(str(err)) from None
+
+
+def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
             raise ValueError(f"tileattn: {name} must be a 3-D (B, L, E) or 4-D (B, H, L, E) tensor, "
