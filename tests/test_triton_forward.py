@@ -252,3 +252,16 @@ def test_gpu_past_2_31_elements(device):
         lo = reference.attention(*args, causal=True, upcast=False)
         assert_close(f"out head {h}", out[:, :, h:h + 1], hi[0], lo[0])
         assert_close(f"lse head {h}", lse[:, h:h + 1], hi[1], lo[1], dtype=q.dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("key", [k for k in plan._CONFIGS if k[0] == "sm_90" and k[1] == "16"], ids=str)
+def test_gpu_every_tuned_config(device, key):
+    """Each sm_90 config the autotuner may pick is correct (not only the one it picked here)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("sm_90 config table")
+    D = key[2]
+    q, k, v = make_qkv(2, 333, 300, 4, 2, D, dtype=torch.bfloat16, device=device)
+    for c in plan._CONFIGS[key]:
+        for window in ((-1, -1), (-1, 0), (40, 7)):
+            _check(q, k, v, configs=[c], window=window)
