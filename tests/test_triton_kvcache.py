@@ -118,6 +118,14 @@ def test_odd_head_dims(device, D, Dv):
     _check(*_case(2, 2, 4, 2, D, [0, 77], 80, torch.float32, device, Dv=Dv, fused=True), num_splits=2)
 
 
+@pytest.mark.parametrize("D,Dv", [(256, 256), (192, 128)])
+def test_wide_heads_16bit(device, D, Dv):
+    """D + Dv > 256 in 16-bit: 32-key tiles (32 KB stages), paged and split."""
+    args = _case(2, 1, 4, 2, D, [0, 150], 160, torch.float16, device, Dv=Dv, page=16)
+    assert plan_kvcache(args[0], args[1], args[2], args[6]).block_n == 32
+    _check(*args, num_splits=2)
+
+
 def test_chunked_prefill_many_row_blocks(device):
     """Sn * G = 160 packed rows -> 3 row blocks, causal and windowed tile skipping."""
     q, kc, vc, kn, vn, lens, table = _case(1, 20, 8, 1, 32, [70], 96, torch.float16, device, page=16)

@@ -29,7 +29,9 @@ from .decode import decode_attention
 
 MIN_KEYS_PER_SPLIT = 256  # below this a split's prologue/epilogue outweighs its KV reads
 MAX_SPLITS = 128
-STAGE_BYTES = 64 * 1024  # K + V bytes of one 16-bit key tile: 128 keys at D = Dv = 128
+# K + V bytes of one 16-bit key tile (a pipeline stage): 128 keys at D = Dv = 128; wider heads
+# keep 32 KB (three stages plus their larger q tile must fit in shared memory)
+STAGE_BYTES, WIDE_STAGE_BYTES = 64 * 1024, 32 * 1024
 # Measured on the H200 (bf16, Hq=32, Hkv=8, D=128, CUDA-graph replay, scripts/decode_probe.py
 # sweep of 1-64 splits x 64/128-key tiles): the fastest split count makes B * Hkv * splits
 # about one program per SM at every batch (B=1/32k: 16 splits 36.8 us vs 50 splits 40-45 us;
@@ -78,8 +80,8 @@ def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, num_splits, device, fo
     if elt_size == 4:  # fp32: ieee dots run on FMA from registers; larger tiles spill (ptxas)
         block_n = 64 if width <= 128 else 16
     else:
-        block_n = 128
-        while block_n > 16 and block_n * width * elt_size > STAGE_BYTES:
+        block_n, stage_bytes = 128, STAGE_BYTES if width <= 256 else WIDE_STAGE_BYTES
+        while block_n > 16 and block_n * width * elt_size > stage_bytes:
             block_n //= 2
     block_n = forced_block_n or block_n
     num_warps = 8 if block_m * triton.next_power_of_2(max(D, Dv)) > 64 * 128 else 4
