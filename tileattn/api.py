@@ -303,7 +303,7 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     try:
         return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     except (ValueError, TypeError) as err:
-        if isinstance(err, SDPAInputError) or not str(err).startswith("tileattn:"):
+        if not str(err).startswith("tileattn:"):
             raise
         raise SDPAInputError(str(err)) from None
 
