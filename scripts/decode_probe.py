@@ -1,11 +1,12 @@
 """Decode tuning probe (H100/H200, bf16, Hq=32, Hkv=8, D=128): CUDA-graph us per decode step.
 
     python scripts/decode_probe.py sweep [out.json]        # split count x key tile, contiguous
-    python scripts/decode_probe.py one B L PAGE SHUFFLE N  # one case (PAGE 0 = contiguous)
+    python scripts/decode_probe.py one B L PAGE SHUFFLE N [B L PAGE SHUFFLE N ...]
+                                                           # cases (PAGE 0 = contiguous, N 0 = plan)
 
 ``sweep`` times every split count that keeps B * Hkv * splits <= 8 programs per SM, with 64-
-and 128-key tiles (``TILEATTN_DECODE_BLOCK_N``); ``one`` times the plan's own choice for one
-cache layout (paged-16 with shuffled vs in-order page tables: is the gap to contiguous the
+and 128-key tiles (``TILEATTN_DECODE_BLOCK_N``); ``one`` times the plan's own choice for each
+given cache layout (paged-16 with shuffled vs in-order page tables: is the gap to contiguous the
 kernel's or the scattered pages'?). Times are medians of graph replays over rotated input
 copies (replays read HBM, not L2); TB/s counts the K+V bytes read.
 """
@@ -80,9 +81,8 @@ def sweep(path=None):
 
 
 def one(B, L, page, shuffle, block_n):
-    if block_n:
-        os.environ["TILEATTN_DECODE_BLOCK_N"] = str(block_n)
-    us = _time(_inputs(B, L, page, bool(shuffle), 2), 0)
+    os.environ["TILEATTN_DECODE_BLOCK_N"] = str(block_n)
+    us = _time(_inputs(B, L, page, bool(shuffle), _copies(B, L)), 0)
     print(f"B={B} L={L} page={page} shuffle={shuffle} n={block_n or 'plan'}: {us:.1f} us "
           f"{_tbs(B, L, us):.2f} TB/s", flush=True)
 
@@ -91,4 +91,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "sweep":
         sweep(*sys.argv[2:])
     else:
-        one(*(int(x) for x in sys.argv[2:]))
+        args = [int(x) for x in sys.argv[2:]]
+        for i in range(0, len(args), 5):
+            one(*args[i:i + 5])

@@ -26,11 +26,14 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
     m_i, so p = exp2(-inf) = 0 and l_i stays 0. At the end such a row writes out = 0 and
     lse = -inf (the sink logit when sinks are given), never NaN.
 
-[Note] page-id prefetch
-    Paged caches read the block table one tile ahead (a loop-carried value), so a tile's K/V
-    gathers never wait on a load of the same iteration and the pipeliner buffers them as deep
-    as plain loads (ptxas for sm_90: 70 KB shared memory, same as contiguous; without the
-    prefetch only one K/V tile was in flight).
+[Note] page ids
+    Paged caches read the tile's page ids from the block table inside the loop; the pipeliner
+    copies them asynchronously one stage ahead of the K/V gathers that use them, so no load
+    waits in the loop. That needs one more stage per level of indirection: the plan gives paged
+    calls 5 stages (ids, K/V double-buffered: 136 KB shared memory for 128-key bf16 tiles at
+    D=128, as contiguous with 3). A tile inside one page reads one scalar id; a tile of whole
+    pages (PAGE_SIZE divides BLOCK_N) reads one id per page and broadcasts it over the page's
+    slots (8 ids per 128-key tile at page size 16); other page sizes read one id per key.
 """
 
 import torch
@@ -59,11 +62,16 @@ def _page_ids(BT_ROW, start_n, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constex
     """int64 page ids of the tile of keys start_n .. start_n + BLOCK_N (keys >= end masked).
 
     BT_ROW points at the sequence's block-table row; key j sits in page BT_ROW[j // PAGE_SIZE]
-    at slot j % PAGE_SIZE. When pages hold whole tiles (PAGE_SIZE % BLOCK_N == 0; tiles start
-    at multiples of BLOCK_N) one scalar page id serves the tile, else one id per key.
+    at slot j % PAGE_SIZE. Tiles start at multiples of BLOCK_N, see [Note] page ids: a scalar
+    when the tile lies in one page, else a (BLOCK_N,) vector.
     """
     if PAGE_SIZE % BLOCK_N == 0:
         return tl.load(BT_ROW + start_n // PAGE_SIZE, mask=start_n < end, other=0).to(tl.int64)
+    elif BLOCK_N % PAGE_SIZE == 0:
+        PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
+        offs_p = start_n // PAGE_SIZE + tl.arange(0, PAGES)
+        ids = tl.load(BT_ROW + offs_p, mask=offs_p * PAGE_SIZE < end, other=0).to(tl.int64)
+        return tl.reshape(tl.broadcast_to(ids[:, None], (PAGES, PAGE_SIZE)), (BLOCK_N,))
     else:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         return tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=offs_n < end, other=0).to(tl.int64)
@@ -130,9 +138,8 @@ def _decode_kernel(
     if PAGE_SIZE == 0:
         k_base += b * stride_kb
         v_base += b * stride_vb
-    else:  # see [Note] page-id prefetch
+    else:  # see [Note] page ids
         bt_base = BLOCK_TABLE + b * stride_btb
-        page = _page_ids(bt_base, start, end, PAGE_SIZE, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -144,10 +151,10 @@ def _decode_kernel(
             k_rows = offs_n.to(tl.int64) * stride_ks
             v_rows = offs_n.to(tl.int64) * stride_vs
         else:
+            page = _page_ids(bt_base, start_n, end, PAGE_SIZE, BLOCK_N)
             slot = (offs_n % PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_kb + slot * stride_ks
             v_rows = page * stride_vb + slot * stride_vs
-            page = _page_ids(bt_base, start_n + BLOCK_N, end, PAGE_SIZE, BLOCK_N)
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :],
                     mask=_rows_mask(kv_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],

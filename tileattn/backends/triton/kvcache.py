@@ -70,7 +70,7 @@ def _num_sms(device):
 
 
 @functools.lru_cache(maxsize=256)
-def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, num_splits, device, forced_block_n):
+def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, paged, num_splits, device, forced_block_n):
     rows = Sn * (Hq // Hkv)
     width = triton.next_power_of_2(D) + triton.next_power_of_2(Dv)
     block_m = 16 if elt_size == 4 else min(64, max(16, triton.next_power_of_2(rows)))
@@ -84,8 +84,10 @@ def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, num_splits, device, fo
         while block_n > 16 and block_n * width * elt_size > stage_bytes:
             block_n //= 2
     block_n = forced_block_n or block_n
-    num_warps = 8 if block_m * triton.next_power_of_2(max(D, Dv)) > 64 * 128 else 4
-    return DecodePlan(block_m, block_n, m_blocks, num_splits, num_warps, num_stages=3)
+    # 64 rows x 128 columns on 4 warps: 255 registers, paged ones spill (ptxas sm_90: 96-104 B)
+    num_warps = 8 if block_m * triton.next_power_of_2(max(D, Dv)) >= 64 * 128 else 4
+    # paged: page ids take a pipeline stage ahead of the K/V gathers (decode.py, [Note] page ids)
+    return DecodePlan(block_m, block_n, m_blocks, num_splits, num_warps, num_stages=5 if paged else 3)
 
 
 def plan_kvcache(q, k_cache, v_cache, block_table, num_splits=0):
@@ -97,8 +99,8 @@ def plan_kvcache(q, k_cache, v_cache, block_table, num_splits=0):
     """
     B, Sn, Hq, D = q.shape
     return _make_plan(B, Sn, Hq, k_cache.shape[2], D, v_cache.shape[3], k_cache.element_size(),
-                      cache_capacity(k_cache, block_table), int(num_splits), q.device,
-                      int(os.environ.get("TILEATTN_DECODE_BLOCK_N", 0)))
+                      cache_capacity(k_cache, block_table), block_table is not None, int(num_splits),
+                      q.device, int(os.environ.get("TILEATTN_DECODE_BLOCK_N", 0)))
 
 
 def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, scale, window,
