@@ -5,6 +5,7 @@ Without CUDA the kernels run in the Triton interpreter on CPU tensors (fp32/fp16
 ``slow`` large-tensor case.
 """
 
+import itertools
 import pytest
 import torch
 from helpers import assert_close, cu_seqlens, make_qkv, randn
@@ -257,11 +258,12 @@ def test_gpu_past_2_31_elements(device):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("key", [k for k in plan._CONFIGS if k[0] == "sm_90" and k[1] == "16"], ids=str)
 def test_gpu_every_tuned_config(device, key):
-    """Each sm_90 config the autotuner may pick is correct (not only the one it picked here)."""
+    """Each sm_90 config the autotuner may pick is correct (not only the one it picked here),
+    with TMA and with pointer loads (the plan picks by head dim; TILEATTN_TMA overrides)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("sm_90 config table")
     D = key[2]
     q, k, v = make_qkv(2, 333, 300, 4, 2, D, dtype=torch.bfloat16, device=device)
     for c in plan._CONFIGS[key]:
-        for window in ((-1, -1), (-1, 0), (40, 7)):
-            _check(q, k, v, configs=[c], window=window)
+        for window, use_tma in itertools.product(((-1, -1), (-1, 0), (40, 7)), (True, False)):
+            _check(q, k, v, configs=[c], window=window, use_tma=use_tma)
