@@ -23,8 +23,8 @@ Choices, in order:
    descriptor setup shows.
 4. Blocks: a short list per (target, dtype class, head-dim block) in ``_CONFIGS``, each entry
    with its reason; on CUDA the launcher times the list once per (features, seqlen bucket)
-   (``triton.autotune``, key = power-of-two buckets of max Sq and Sk) after ``_prune`` dropped
-   configs that cannot fit or cannot help. One config means no timing.
+   (``triton.autotune``, key = power-of-two buckets of max Sq and Sk) after :func:`autotuner`'s
+   prune dropped configs that cannot fit or cannot help. One config means no timing.
 
 Environment knobs (for measuring, not for users): ``TILEATTN_AUTOTUNE=0`` uses each list's first
 (default) entry; ``TILEATTN_TMA=0`` forces pointer loads, ``TILEATTN_TMA=1`` TMA wherever it can
@@ -220,34 +220,48 @@ def describe(q, k, v, *, causal=False, window=(-1, -1), **features) -> str:
     return forward_plan(q, k, v, window=window, **features).describe()
 
 
-def _prune(configs, named_args, **kwargs):
-    """Autotune ``early_config_prune``: drop configs that cannot fit or cannot help, keep >= 1.
-
-    - shared memory: q tile + num_stages K/V tiles above the device's per-block limit fail to launch;
-    - BLOCK_M above the (bucketed) query length computes only padding rows.
-    """
-    q = named_args["Q"]
-    es = q.element_size()
-    limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
-    bd, bdv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
-    sq = named_args["tune_sq"]
-    kept = [c for c in configs
-            if _smem_bytes(FwdConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages),
-                           bd, bdv, es) <= limit and c.kwargs["BLOCK_M"] <= max(sq, 64)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
 _TUNED = {}
 
 
+def autotuner(kernel, key, configs, smem_bytes, tile_rows, tune_len):
+    """``triton.autotune`` of ``kernel`` over ``configs``, cached under ``key``.
+
+    configs: objects with block_m, block_n, num_warps, num_stages (``FwdConfig``, the backward's
+    ``Cfg``). The tuning key is the kernel's ``tune_sq``/``tune_sk`` (power-of-two buckets). Before
+    timing, configs are pruned (at least one kept, the smallest tile):
+
+    - ``smem_bytes(config, block_d, block_dv, elt_size)`` above the device's per-block shared
+      memory fails to launch;
+    - ``tile_rows(config)`` (the rows one program holds) above the bucketed length
+      ``tune_len`` ("tune_sq" or "tune_sk") computes only padding.
+    """
+    if key in _TUNED:
+        return _TUNED[key]
+    by_meta = {(c.block_m, c.block_n, c.num_warps, c.num_stages): c for c in configs}
+
+    def prune(candidates, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
+
+        def fits(tc):
+            c = by_meta[(tc.kwargs["BLOCK_M"], tc.kwargs["BLOCK_N"], tc.num_warps, tc.num_stages)]
+            return (smem_bytes(c, args["BLOCK_D"], args["BLOCK_DV"], q.element_size()) <= limit
+                    and tile_rows(c) <= max(args[tune_len], 64))
+        return [tc for tc in candidates if fits(tc)] or [
+            min(candidates, key=lambda tc: tc.kwargs["BLOCK_M"] * tc.kwargs["BLOCK_N"])]
+
+    cfgs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in configs]
+    _TUNED[key] = triton.autotune(cfgs, key=["tune_sq", "tune_sk"],
+                                  prune_configs_by={"early_config_prune": prune})(kernel)
+    return _TUNED[key]
+
+
 def forward_kernel(kernel, fplan: FwdPlan):
-    """The kernel to launch: ``kernel`` itself, or a cached autotuner over the plan's configs."""
+    """The kernel to launch: ``kernel`` itself, or a cached autotuner over the plan's configs
+    (a program holds BLOCK_M query rows, see :func:`autotuner`)."""
     if not fplan.autotune:
         return kernel
-    key = (fplan.configs, fplan.features, fplan.block_d, fplan.block_dv, fplan.use_tma)
-    if key not in _TUNED:
-        cfgs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
-                              num_stages=c.num_stages) for c in fplan.configs]
-        _TUNED[key] = triton.autotune(cfgs, key=["tune_sq", "tune_sk"],
-                                      prune_configs_by={"early_config_prune": _prune})(kernel)
-    return _TUNED[key]
+    key = ("forward", fplan.configs, fplan.features, fplan.block_d, fplan.block_dv, fplan.use_tma)
+    return autotuner(kernel, key, fplan.configs, _smem_bytes, lambda c: c.block_m, "tune_sq")

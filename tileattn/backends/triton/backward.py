@@ -27,7 +27,7 @@ import torch
 import triton
 
 from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
-from tileattn.plan import bucket, device_target
+from tileattn.plan import autotuner, bucket, device_target
 
 LOG2E = 1.4426950408889634
 
@@ -87,31 +87,19 @@ def _configs(table, t, block_d, block_dv, work):
     return configs[:1] if os.environ.get("TILEATTN_AUTOTUNE") == "0" or work < 512 * 512 else configs
 
 
-def _smem(c, rows_per_step, fixed_rows, block_d, block_dv, es):
-    """Bytes of shared memory: the tile held for the whole program + num_stages streamed tiles."""
-    return es * (block_d + block_dv) * (fixed_rows + max(c.num_stages, 1) * rows_per_step)
+def _dkdv_smem(c, block_d, block_dv, es):
+    """Shared memory of a dK/dV program: its k, v tile (BLOCK_N keys) + num_stages q, do tiles."""
+    return es * (block_d + block_dv) * (c.block_n + max(c.num_stages, 1) * c.block_m)
 
 
-def _prune(which):
-    """Autotune ``early_config_prune``: drop configs over the device's shared memory and tiles
-    longer than the (bucketed) sequence they cover -- they compute only padding. Keeps >= 1."""
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        es = args["Q"].element_size()
-        limit = triton.runtime.driver.active.utils.get_device_properties(args["Q"].device.index)["max_shared_mem"]
-        bd, bdv = args["BLOCK_D"], args["BLOCK_DV"]
-        length = args["tune_sk"] if which == "dkdv" else args["tune_sq"]
-        kept = []
-        for c in configs:
-            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            steps, fixed = (m, n) if which == "dkdv" else (n, m)
-            if _smem(c, steps, fixed, bd, bdv, es) <= limit and fixed <= max(length, 64):
-                kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return prune
+def _dq_smem(c, block_d, block_dv, es):
+    """Shared memory of a dQ program: its q, do tile (BLOCK_M rows) + num_stages k, v tiles."""
+    return es * (block_d + block_dv) * (c.block_m + max(c.num_stages, 1) * c.block_n)
 
 
-_TUNED = {}
+# which -> (shared memory, rows one program holds, the bucketed length those rows cover)
+_TUNING = {"dkdv": (_dkdv_smem, lambda c: c.block_n, "tune_sk"),
+           "dq": (_dq_smem, lambda c: c.block_m, "tune_sq")}
 
 
 def _launcher(kernel, which, configs, features):
@@ -119,13 +107,7 @@ def _launcher(kernel, which, configs, features):
     if len(configs) == 1:
         c = configs[0]
         return kernel, dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
-    key = (which, configs, features)
-    if key not in _TUNED:
-        cfgs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
-                              num_stages=c.num_stages) for c in configs]
-        _TUNED[key] = triton.autotune(cfgs, key=["tune_sq", "tune_sk"],
-                                      prune_configs_by={"early_config_prune": _prune(which)})(kernel)
-    return _TUNED[key], {}
+    return autotuner(kernel, (which, configs, features), configs, *_TUNING[which]), {}
 
 
 def _strides(t, varlen):

@@ -48,25 +48,13 @@ Sub notation (on top of ``common.py``'s ``i, j, diag, qk, t``)::
 import triton
 import triton.language as tl
 
-from tileattn.backends.triton.common import block_ranges, dropout_keep, keep_tile, load_mask_tile, score_log2
+from tileattn.backends.triton.common import (block_ranges, dropout_keep, keep_tile, load_mask_tile, load_rows,
+                                             score_log2)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@triton.jit
-def _load_rows(base, start, nrows, stride_row, ncols,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PAD_COLS: tl.constexpr):
-    """Rows [start, start+BLOCK_R) x cols [0, BLOCK_C) of a row-major (nrows, ncols) view; 0 outside."""
-    rows = tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    ptrs = base + start.to(tl.int64) * stride_row + rows[:, None] * stride_row + cols[None, :]
-    inside = ((start + rows) < nrows)[:, None]
-    if PAD_COLS:
-        inside = inside & (cols < ncols)[None, :]
-    return tl.load(ptrs, mask=inside, other=0.0)
 
 
 @triton.jit
@@ -163,10 +151,10 @@ def _bwd_preprocess(Out, DOut, Delta, CuSeqlensQ,
         b64 = off_b.to(tl.int64)
         h64 = off_h.to(tl.int64)
         q0 = tl.full([], q_start, tl.int64)
-        o = _load_rows(Out + b64 * stride_ob + h64 * stride_oh + q0 * stride_om, m0, seqlen_q, stride_om,
-                       HEAD_DV, BLOCK_M, BLOCK_DV, HEAD_DV != BLOCK_DV)
-        do = _load_rows(DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom, m0, seqlen_q, stride_dom,
-                        HEAD_DV, BLOCK_M, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        o = load_rows(Out + b64 * stride_ob + h64 * stride_oh + q0 * stride_om, m0, seqlen_q, stride_om,
+                      HEAD_DV, BLOCK_M, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
+        do = load_rows(DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom, m0, seqlen_q, stride_dom,
+                       HEAD_DV, BLOCK_M, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         tl.store(Delta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, delta, mask=offs_m < seqlen_q)
@@ -192,8 +180,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
     for m0 in range(lo, hi, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + offs_m0
-        q = _load_rows(q_base, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, HEAD_D != BLOCK_D)
-        do = _load_rows(do_base, m0, seqlen_q, stride_dom, HEAD_DV, BLOCK_M, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        q = load_rows(q_base, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, True, HEAD_D != BLOCK_D)
+        do = load_rows(do_base, m0, seqlen_q, stride_dom, HEAD_DV, BLOCK_M, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
         lse2 = _load_lse2(lse_base, offs_m, seqlen_q)
         delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
 
@@ -265,9 +253,9 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
         q0 = tl.full([], q_start, tl.int64)
         k0 = tl.full([], k_start, tl.int64)
         kv_off = b64 * stride_kb + off_hk.to(tl.int64) * stride_kh + k0 * stride_kn
-        k = _load_rows(K + kv_off, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, HEAD_D != BLOCK_D)
+        k = load_rows(K + kv_off, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, True, HEAD_D != BLOCK_D)
         kv_off = b64 * stride_vb + off_hk.to(tl.int64) * stride_vh + k0 * stride_vn
-        v = _load_rows(V + kv_off, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        v = load_rows(V + kv_off, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         diag = seqlen_k - seqlen_q
         lo, full_lo, full_hi, hi = query_ranges(n0, seqlen_q, seqlen_k, window_left, window_right,
@@ -339,8 +327,8 @@ def _dq_tiles(dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         offs_n = n0 + offs_n0
-        k = _load_rows(k_base, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, HEAD_D != BLOCK_D)
-        v = _load_rows(v_base, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        k = load_rows(k_base, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, True, HEAD_D != BLOCK_D)
+        v = load_rows(v_base, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if MASK_KIND != 0:
             mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N)
@@ -417,10 +405,10 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, SinkDelta, DQ, DMask, Slopes, Mask
         hk64 = (off_h // group).to(tl.int64)
         q0 = tl.full([], q_start, tl.int64)
         k0 = tl.full([], k_start, tl.int64)
-        q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm, m0, seqlen_q, stride_qm,
-                       HEAD_D, BLOCK_M, BLOCK_D, HEAD_D != BLOCK_D)
-        do = _load_rows(DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom, m0, seqlen_q, stride_dom,
-                        HEAD_DV, BLOCK_M, BLOCK_DV, HEAD_DV != BLOCK_DV)
+        q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm, m0, seqlen_q, stride_qm,
+                      HEAD_D, BLOCK_M, BLOCK_D, True, HEAD_D != BLOCK_D)
+        do = load_rows(DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom, m0, seqlen_q, stride_dom,
+                       HEAD_DV, BLOCK_M, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         lse2 = _load_lse2(Lse + b64 * stride_lb + h64 * stride_lh + q0, offs_m, seqlen_q)
         delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, mask=offs_m < seqlen_q, other=0.0)

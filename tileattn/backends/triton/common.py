@@ -1,4 +1,5 @@
-"""Shared ``@triton.jit`` helpers: the score pipeline, written once for forward, backward, decode.
+"""Shared ``@triton.jit`` helpers: the score pipeline (written once for forward, backward, decode)
+and the masked row-tile load of forward and backward.
 
 Sub notation (every kernel of this package uses it)::
 
@@ -142,3 +143,21 @@ def softmax_step(x, x_scale, m_i, l_i, MAY_EMPTY: tl.constexpr):
     alpha = tl.math.exp2(m_i - m_use)
     l_new = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_new, l_new
+
+
+@triton.jit
+def load_rows(base, start, nrows, stride_row, ncols,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load rows [start, start+BLOCK_R) x cols [0, BLOCK_C) of a (nrows, ncols) row-major view; 0 outside."""
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    ptrs = base + start.to(tl.int64) * stride_row + rows[:, None] * stride_row + cols[None, :]
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=((start + rows) < nrows)[:, None] & (cols < ncols)[None, :], other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=((start + rows) < nrows)[:, None], other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=(cols < ncols)[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x

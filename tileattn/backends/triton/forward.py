@@ -27,25 +27,7 @@ import triton.language as tl
 
 from tileattn import plan as _plan
 from tileattn.backends.triton.common import (LOG2E, block_ranges, dropout_keep, keep_tile, load_mask_tile,
-                                             score_log2, softmax_step)
-
-
-@triton.jit
-def _load_rows(base, start, nrows, stride_row, ncols,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    """Load rows [start, start+BLOCK_R) x cols [0, BLOCK_C) of a (nrows, ncols) row-major view; 0 outside."""
-    rows = tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
-    ptrs = base + start.to(tl.int64) * stride_row + rows[:, None] * stride_row + cols[None, :]
-    if CHECK_ROWS and CHECK_COLS:
-        x = tl.load(ptrs, mask=((start + rows) < nrows)[:, None] & (cols < ncols)[None, :], other=0.0)
-    elif CHECK_ROWS:
-        x = tl.load(ptrs, mask=((start + rows) < nrows)[:, None], other=0.0)
-    elif CHECK_COLS:
-        x = tl.load(ptrs, mask=(cols < ncols)[None, :], other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
+                                             load_rows, score_log2, softmax_step)
 
 
 @triton.jit
@@ -66,7 +48,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, lo, hi,
         if USE_TMA:
             k = k_src.load([start_n, 0])
         else:
-            k = _load_rows(k_src, start_n, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, EDGE, HEAD_D != BLOCK_D)
+            k = load_rows(k_src, start_n, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, EDGE, HEAD_D != BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if MASK_KIND != 0:
             mask_tile = load_mask_tile(mask_base, m0, start_n, stride_mm, stride_mn, seqlen_q, seqlen_k,
@@ -90,7 +72,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, lo, hi,
         if USE_TMA:
             v = v_src.load([start_n, 0])
         else:
-            v = _load_rows(v_src, start_n, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, EDGE, HEAD_DV != BLOCK_DV)
+            v = load_rows(v_src, start_n, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, EDGE, HEAD_DV != BLOCK_DV)
         if DROPOUT:
             p = tl.where(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -159,7 +141,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
     else:
         k_src = k_base
         v_src = v_base
-        q = _load_rows(q_base, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, True, HEAD_D != BLOCK_D)
+        q = load_rows(q_base, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, True, HEAD_D != BLOCK_D)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     diag = seqlen_k - seqlen_q
