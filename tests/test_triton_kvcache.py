@@ -134,6 +134,16 @@ def test_chunked_prefill_many_row_blocks(device):
     _check(q, kc, vc, kn, vn, lens, table, window=(9, 0), num_splits=2)
 
 
+@pytest.mark.parametrize("page", [None, 5])
+def test_new_tokens_span_several_tiles(device, monkeypatch, page):
+    """Sn = 37 new tokens over 16-key tiles: the new-key loop and the cache write run several
+    tiles, split across programs, with an empty and a long cached prefix."""
+    monkeypatch.setenv("TILEATTN_DECODE_BLOCK_N", "16")
+    q, kc, vc, kn, vn, lens, table = _case(2, 37, 4, 2, 32, [0, 50], 100, torch.float32, device, page=page)
+    _check(q, kc, vc, kn, vn, lens, table, num_splits=3)
+    _check(q, kc, vc, kn, vn, lens, table, window=(20, 0), num_splits=1)
+
+
 def test_splits_agree_and_noncontiguous_q(device):
     """1 vs 3 splits agree (tolerance); a (B, H, S, D)-view q gives bitwise the same result."""
     q, kc, vc, kn, vn, lens, table = _case(2, 3, 8, 2, 64, [120, 5], 128, torch.float32, device)
