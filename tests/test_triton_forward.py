@@ -6,6 +6,7 @@ Without CUDA the kernels run in the Triton interpreter on CPU tensors (fp32/fp16
 """
 
 import itertools
+
 import pytest
 import torch
 from helpers import assert_close, cu_seqlens, make_qkv, randn

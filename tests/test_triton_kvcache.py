@@ -136,8 +136,8 @@ def test_chunked_prefill_many_row_blocks(device):
 
 @pytest.mark.parametrize("page", [None, 5])
 def test_new_tokens_span_several_tiles(device, monkeypatch, page):
-    """Sn = 37 new tokens over 16-key tiles: the new-key loop and the cache write run several
-    tiles, split across programs, with an empty and a long cached prefix."""
+    """Sn = 37 new tokens over 16-key tiles: the appended rows and the attended new keys span
+    several tiles and splits, after an empty and after a long cached prefix."""
     monkeypatch.setenv("TILEATTN_DECODE_BLOCK_N", "16")
     q, kc, vc, kn, vn, lens, table = _case(2, 37, 4, 2, 32, [0, 50], 100, torch.float32, device, page=page)
     _check(q, kc, vc, kn, vn, lens, table, num_splits=3)
