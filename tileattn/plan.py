@@ -227,8 +227,9 @@ def autotuner(kernel, key, configs, smem_bytes, tile_rows, tune_len):
     """``triton.autotune`` of ``kernel`` over ``configs``, cached under ``key``.
 
     configs: objects with block_m, block_n, num_warps, num_stages (``FwdConfig``, the backward's
-    ``Cfg``). The tuning key is the kernel's ``tune_sq``/``tune_sk`` (power-of-two buckets). Before
-    timing, configs are pruned (at least one kept, the smallest tile):
+    ``Cfg``); the prune callbacks see each candidate as a ``FwdConfig``. The tuning key is the
+    kernel's ``tune_sq``/``tune_sk`` (power-of-two buckets). Before timing, configs are pruned
+    (at least one kept, the smallest tile):
 
     - ``smem_bytes(config, block_d, block_dv, elt_size)`` above the device's per-block shared
       memory fails to launch;
@@ -237,7 +238,6 @@ def autotuner(kernel, key, configs, smem_bytes, tile_rows, tune_len):
     """
     if key in _TUNED:
         return _TUNED[key]
-    by_meta = {(c.block_m, c.block_n, c.num_warps, c.num_stages): c for c in configs}
 
     def prune(candidates, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -245,7 +245,7 @@ def autotuner(kernel, key, configs, smem_bytes, tile_rows, tune_len):
         limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
 
         def fits(tc):
-            c = by_meta[(tc.kwargs["BLOCK_M"], tc.kwargs["BLOCK_N"], tc.num_warps, tc.num_stages)]
+            c = FwdConfig(tc.kwargs["BLOCK_M"], tc.kwargs["BLOCK_N"], tc.num_warps, tc.num_stages)
             return (smem_bytes(c, args["BLOCK_D"], args["BLOCK_DV"], q.element_size()) <= limit
                     and tile_rows(c) <= max(args[tune_len], 64))
         return [tc for tc in candidates if fits(tc)] or [
