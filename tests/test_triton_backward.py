@@ -153,10 +153,13 @@ def test_block_shapes(monkeypatch, kv, q):
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(max(len(c) for c in (*BW._DKDV.values(), *BW._DQ.values()))))
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_every_tuned_config(monkeypatch, D, i):
-    """Each sm_90 config the autotuner may pick is correct (not only the one it picked here)."""
+@pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointers"])
+def test_every_tuned_config(monkeypatch, tma, D, i):
+    """Each sm_90 config the autotuner may pick is correct (not only the one it picked here),
+    with tensor-descriptor and with pointer tile loads (the launcher picks by length)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("sm_90 config table")
+    monkeypatch.setenv("TILEATTN_TMA", tma)
     key = ("sm_90", "16", D)
     kv, q = BW._DKDV[key], BW._DQ[key]
     if i >= max(len(kv), len(q)):
@@ -164,6 +167,30 @@ def test_every_tuned_config(monkeypatch, D, i):
     _force_configs(monkeypatch, kv[min(i, len(kv) - 1)], q[min(i, len(q) - 1)])
     for spec in (dict(window=(-1, 0)), dict(window=(100, 30), sinks=True, p=0.1, alibi=True)):
         _run_case((2, 300, 333, 4, 2, D, D), spec, torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointers"])
+def test_tile_loads(monkeypatch, tma):
+    """Tensor-descriptor (TMA) and pointer loads of the inner loops' tiles: ragged last tiles,
+    head dim 40 in a 64-wide block, GQA, windows, zero-length varlen sequences."""
+    monkeypatch.setenv("TILEATTN_TMA", tma)
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    assert BW._use_tma(*make_qkv(1, 8, 8, 2, 1, 32, dtype=dtype, device=DEVICE), torch.empty(1, 8, 2, 32,
+                       dtype=dtype, device=DEVICE), 8) == (tma == "1")
+    _run_case((1, 45, 38, 4, 2, 40, 40), dict(window=(-1, 0), alibi=True), dtype, DEVICE)
+    _run_case((2, 33, 50, 2, 2, 32, 16), dict(window=(7, 3), sinks=True, p=0.2), dtype, DEVICE)
+    lens_q, lens_k = [5, 0, 17, 3], [9, 3, 17, 0]
+    cq, ck = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
+    q = torch.randn(sum(lens_q), 4, 32, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(sum(lens_k), 2, 32, device=DEVICE, dtype=dtype) for _ in range(2))
+    kw = _features(dict(window=(-1, 0)), 4, 1, 1, 4, 32, dtype, DEVICE)
+    kw.update(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+    out, lse = forward(q, k, v, **kw)
+    dout = torch.randn_like(out)
+    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
+    for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"):
+        kw.pop(n)
+    _check(got, dout, q, k, v, kw, False, varlen=(cq, ck))
 
 
 def test_empty_rows_zero_grads():

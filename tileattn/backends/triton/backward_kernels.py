@@ -164,24 +164,30 @@ def _bwd_preprocess(Out, DOut, Delta, CuSeqlensQ,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, lo, hi,
                 n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
                 qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
                 dropout_p, seed, off_h, off_b,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     """Accumulate query blocks [lo, hi) of one query head into dk (BLOCK_N, BLOCK_D), dv (BLOCK_N, BLOCK_DV).
 
     Tiles are transposed (keys x rows). EDGE: the window cuts these tiles (``keep_tile``).
+    q_src / do_src: tensor descriptors (USE_TMA) or the head's row-0 pointers.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     for m0 in range(lo, hi, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + offs_m0
-        q = load_rows(q_base, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, True, HEAD_D != BLOCK_D)
-        do = load_rows(do_base, m0, seqlen_q, stride_dom, HEAD_DV, BLOCK_M, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
+        if USE_TMA:
+            q = q_src.load([m0, 0])
+            do = do_src.load([m0, 0])
+        else:
+            q = load_rows(q_src, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, True, HEAD_D != BLOCK_D)
+            do = load_rows(do_src, m0, seqlen_q, stride_dom, HEAD_DV, BLOCK_M, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
         lse2 = _load_lse2(lse_base, offs_m, seqlen_q)
         delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
 
@@ -226,7 +232,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
     """Grid (cdiv(max_seqlen_k, BLOCK_N) * B * Hkv,): dk, dv of BLOCK_N keys of one kv head.
 
     The key block is the fastest grid index (programs running together share a head's q/dout
@@ -262,11 +269,20 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
                                                 BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        for g in range(group):
+        # not pipelined: with one query row block (Sq specialized to 1) this becomes the innermost
+        # loop, and the pipeliner cannot predicate the descriptor creation in it
+        for g in tl.range(group, num_stages=1):
             off_h = off_hk * group + g
             h64 = off_h.to(tl.int64)
             q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
             do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
+            if USE_TMA:  # bounded by this sequence: TMA zero-fills rows >= seqlen_q, columns >= HEAD_D
+                nq = tl.maximum(seqlen_q, 1)
+                q_src = tl.make_tensor_descriptor(q_base, [nq, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+                do_src = tl.make_tensor_descriptor(do_base, [nq, HEAD_DV], [stride_dom, 1], [BLOCK_M, BLOCK_DV])
+            else:
+                q_src = q_base
+                do_src = do_base
             lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q0
             delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
             if MASK_KIND != 0:
@@ -279,25 +295,25 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
                 alibi_log2 = 0.0
             if HAS_RIGHT:  # rows above the diagonal / window's right side: masked tiles
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, lo, full_lo,
+                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, lo, full_lo,
                     n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
                     qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
                     off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
-                    MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
+                    MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PREC)
             # middle: every row keeps every key of this block (no keep arithmetic)
             dk, dv = _dkdv_tiles(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, full_lo, full_hi,
+                dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, full_lo, full_hi,
                 n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
                 qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
                 off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI,
-                MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
+                MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PREC)
             if HAS_LEFT:  # rows below the window's left side: masked tiles
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, full_hi, hi,
+                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, full_hi, hi,
                     n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
                     qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
                     off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
-                    MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PREC)
+                    MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PREC)
         dk_base = DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + k0 * stride_dkn
         _store_rows(dk_base, dk * scale, n0, seqlen_k, stride_dkn, HEAD_D, BLOCK_N, BLOCK_D)
         dv_base = DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + k0 * stride_dvn
@@ -308,7 +324,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
 
 
 @triton.jit
-def _dq_tiles(dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo, hi,
+def _dq_tiles(dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, lo, hi,
               m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
               qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
               dropout_p, seed, off_h, off_b,
@@ -316,19 +332,24 @@ def _dq_tiles(dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate key blocks [lo, hi) into dq (BLOCK_M, BLOCK_D); store dS tiles to dmask (MASK_GRAD).
 
     SINKS: also accumulate pdp (BLOCK_M,) = sum_j p * dp, delta without out's rounding (dsinks).
     EDGE: tiles cut by the window or the ragged last key block (``keep_tile``; keys past
-    seqlen_k must be zeroed here since their p may overflow).
+    seqlen_k must be zeroed here since their p may overflow). k_src / v_src: tensor descriptors
+    (USE_TMA) or the kv head's key-0 pointers.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         offs_n = n0 + offs_n0
-        k = load_rows(k_base, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, True, HEAD_D != BLOCK_D)
-        v = load_rows(v_base, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
+        if USE_TMA:
+            k = k_src.load([n0, 0])
+            v = v_src.load([n0, 0])
+        else:
+            k = load_rows(k_src, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, True, HEAD_D != BLOCK_D)
+            v = load_rows(v_src, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if MASK_KIND != 0:
             mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N)
@@ -372,7 +393,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, SinkDelta, DQ, DMask, Slopes, Mask
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,): dq of BLOCK_M rows of one query head.
 
     The row block is the fastest grid index (programs running together share a head's K/V in
@@ -414,6 +435,13 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, SinkDelta, DQ, DMask, Slopes, Mask
         delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, mask=offs_m < seqlen_q, other=0.0)
         k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
         v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
+        if USE_TMA:  # bounded by this sequence: TMA zero-fills keys >= seqlen_k, columns >= HEAD_D
+            nk = tl.maximum(seqlen_k, 1)
+            k_src = tl.make_tensor_descriptor(k_base, [nk, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+            v_src = tl.make_tensor_descriptor(v_base, [nk, HEAD_DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
+        else:
+            k_src = k_base
+            v_src = v_base
         if MASK_KIND != 0:
             mask_base = Mask + b64 * stride_mb + h64 * stride_mh
         else:
@@ -433,25 +461,25 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, SinkDelta, DQ, DMask, Slopes, Mask
         pdp = tl.zeros([BLOCK_M], tl.float32)
         if HAS_LEFT:  # keys left of the window's left side: masked tiles
             dq, pdp = _dq_tiles(
-                dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, lo, full_lo,
+                dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, lo, full_lo,
                 m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
                 qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
                 off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
-                MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, DOT_PREC)
+                MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, USE_TMA, DOT_PREC)
         # middle: every key of every row kept (no keep arithmetic)
         dq, pdp = _dq_tiles(
-            dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, full_lo, full_hi,
+            dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, full_lo, full_hi,
             m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
             qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
             off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI,
-            MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, DOT_PREC)
+            MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, USE_TMA, DOT_PREC)
         # the diagonal / window's right side and the ragged last key block
         dq, pdp = _dq_tiles(
-            dq, pdp, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, full_hi, hi,
+            dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, full_hi, hi,
             m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
             qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
             off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
-            MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, DOT_PREC)
+            MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, USE_TMA, DOT_PREC)
         if SINKS:
             tl.store(SinkDelta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, pdp, mask=offs_m < seqlen_q)
         dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm
