@@ -5,7 +5,8 @@ Runs every (case, provider, mode) of the named sets of ``benchmarks.registry`` a
 short keeps what it measured). A row is the case's fields plus ``set, provider, mode, status``
 ("ok" or "skipped" with ``reason``), ``note``, and
 
-- dense:  ``ms``, ``flops``, ``tflops``, ``rel_err`` (fwd: vs an fp32 torch reference),
+- dense:  ``ms``, ``flops``, ``tflops``, ``rel_err`` (fwd: vs an fp32 torch reference); on CUDA
+          the forward also ``tflops_graph`` (CUDA-graph replays: no host launch gaps),
 - decode: ``ms``, ``us``, ``bytes``, ``gbps``, ``rel_err``; on CUDA also ``us_graph``,
           ``gbps_graph`` (CUDA-graph replays),
 - memory: ``peak_mib``, ``inputs_mib``, ``scores_mib``, ``method`` (see benchmarks.memory).
@@ -175,6 +176,11 @@ class Runner:
         if case.kind == "dense":
             row["flops"] = registry.flops(case, mode)
             row["tflops"] = row["flops"] / ms / 1e9
+            if case.device == "cuda" and mode == "fwd":  # kernel time without host launch gaps
+                try:
+                    row["tflops_graph"] = row["flops"] / timing.gpu_graph_ms(fn, 5 if quick else 20) / 1e9
+                except Exception as e:
+                    row["graph_reason"] = self.failed(e, [], case, f"{row['provider']} graph capture")
             return
         row.update(us=ms * 1e3, bytes=registry.decode_bytes(case))
         row["gbps"] = row["bytes"] / ms / 1e6
