@@ -112,12 +112,18 @@ _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max
              "attn_mask", "dropout_p", "seed", "deterministic", "mask_grad", "backend")
 
 
+# arguments that are tensors or None (saved for backward), and the others (kept on ctx)
+_TENSOR_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "sinks", "attn_mask", "seed")
+_TENSOR_POS = tuple(_FWD_ARGS.index(n) for n in _TENSOR_ARGS)
+_OTHER_POS = tuple(i for i, n in enumerate(_FWD_ARGS) if n not in _TENSOR_ARGS)
+_MASK_POS = _FWD_ARGS.index("attn_mask")
+
+
 def _setup_context(ctx, inputs, output):
-    args = dict(zip(_FWD_ARGS, inputs))
-    ctx.mask_shape = None if args["attn_mask"] is None else args["attn_mask"].shape
-    ctx.args = {n: a for n, a in args.items() if not isinstance(a, Tensor)}
-    ctx.tensor_names = [n for n in _FWD_ARGS if isinstance(args[n], Tensor)]
-    ctx.save_for_backward(*(args[n] for n in ctx.tensor_names), *output)
+    attn_mask = inputs[_MASK_POS]
+    ctx.mask_shape = None if attn_mask is None else attn_mask.shape
+    ctx.args = {_FWD_ARGS[i]: inputs[i] for i in _OTHER_POS}
+    ctx.save_for_backward(*(inputs[i] for i in _TENSOR_POS), *output)
 
 
 def _reduce_to(grad: Tensor, shape) -> Tensor:
@@ -130,7 +136,7 @@ def _reduce_to(grad: Tensor, shape) -> Tensor:
 
 def _backward(ctx, dout, dlse):
     saved = ctx.saved_tensors
-    args = dict(ctx.args, **dict(zip(ctx.tensor_names, saved[:-2])))
+    args = dict(ctx.args, **dict(zip(_TENSOR_ARGS, saved[:-2])))
     out, lse = saved[-2:]
     bwd = bwd_impl if getattr(ctx, "eager", False) else attention_bwd
     dq, dk, dv, dsinks, dmask = bwd(dout, args["q"], args["k"], args["v"], out, lse,
@@ -157,7 +163,8 @@ class EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         output = fwd_impl(*args)
-        _setup_context(ctx, args, output)
+        if any(ctx.needs_input_grad):  # otherwise no backward can run: nothing to save
+            _setup_context(ctx, args, output)
         ctx.eager = True
         ctx.mark_non_differentiable(output[1])
         return output

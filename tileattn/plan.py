@@ -36,11 +36,14 @@ producer/consumer warpgroups there need Gluon.
 """
 
 import functools
+import math
 import os
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import torch
 import triton
+from triton.runtime import KernelInterface
 
 
 @dataclass(frozen=True)
@@ -99,13 +102,24 @@ _MASK_CONFIGS = {
 }
 
 
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1): ``triton.next_power_of_2`` without the cost of calling
+    a Triton constexpr function (~1 us each) on the launchers' hot paths."""
+    return 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: ``triton.cdiv`` without the cost of calling a constexpr function."""
+    return (a + b - 1) // b
+
+
 def bucket(n: int) -> int:
     """Autotune key of a sequence length: next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
+    return max(16, next_pow2(max(int(n), 1)))
 
 
 def _head_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 def device_target(t: torch.Tensor):
@@ -123,22 +137,37 @@ def _cuda_target(device: torch.device):
     return ("sm_90" if major >= 9 else "cuda"), f"sm_{major}{minor} ({name})"
 
 
-def _tma_ok(target, q, k, v, head_dim_v):
-    """(bool, reason): TMA descriptors need sm_90+, 16-bit data, 16-byte aligned pointers/strides."""
-    env = os.environ.get("TILEATTN_TMA")
+_TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _misaligned(q, k, v):
+    """(name, strides) of the first of q, k, v that TMA cannot read (empty, or a pointer or a
+    non-unit stride not 16-byte aligned), else None."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        strides = t.stride()
+        # every stride s has s * elt_size % 16 == 0 exactly when their gcd does
+        if t.numel() == 0 or t.data_ptr() % 16 or math.gcd(*strides[:-1]) * t.element_size() % 16:
+            return name, strides
+    return None
+
+
+def _tma_ok(target, dtype, misaligned, head_dim, head_dim_v, env):
+    """(bool, reason): TMA descriptors need sm_90+, 16-bit data, 16-byte aligned pointers/strides.
+
+    misaligned: :func:`_misaligned` of q, k, v (only looked at on sm_90 for 16-bit data);
+    env: the ``TILEATTN_TMA`` value (or None).
+    """
     if env == "0":
         return False, "pointer loads: TILEATTN_TMA=0"
     if target != "sm_90":
         return False, "pointer loads: TMA needs sm_90+ (the interpreter runs it only when forced)"
-    if q.dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in _TMA_DTYPES:
         return False, "pointer loads: fp32 path (ieee dots on FMA units gain nothing from TMA)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        es = t.element_size()
-        if t.numel() == 0 or t.data_ptr() % 16 or any(s * es % 16 for s in t.stride()[:-1]):
-            return False, f"pointer loads: {name} pointer or strides {tuple(t.stride())} not 16-byte aligned"
-    if head_dim_v * q.element_size() % 16:
+    if misaligned is not None:
+        return False, f"pointer loads: {misaligned[0]} pointer or strides {misaligned[1]} not 16-byte aligned"
+    if head_dim_v * dtype.itemsize % 16:
         return False, "pointer loads: output rows (Dv) not 16-byte aligned"
-    if env != "1" and max(_head_block(q.shape[-1]), _head_block(head_dim_v)) < 256:
+    if env != "1" and max(_head_block(head_dim), _head_block(head_dim_v)) < 256:
         return False, ("pointer loads: head dims <= 128 (H200: as fast as TMA at 16k keys, faster at 1k "
                        "where per-program descriptor setup shows: 2-13%, D=64 causal 263 vs 140 TFLOP/s)")
     return True, "TMA tensor descriptors: sm_90, 16-bit dtype, 16-byte aligned pointers and strides"
@@ -188,28 +217,45 @@ def forward_plan(q, k, v, *, window=(-1, -1), softcap=0.0, alibi_slopes=None, si
     """Plan the Triton forward for these tensors and (normalized) features.
 
     ``configs`` / ``use_tma`` override the choice (tests force TMA in the interpreter and tiny
-    blocks); everything else follows the module docstring.
+    blocks); everything else follows the module docstring. Plans are cached under the facts they
+    depend on (see :func:`_make_plan`), read afresh on every call: device, dtype, head dims, which
+    features are on, pointer/stride alignment, and the TILEATTN_TMA / TILEATTN_AUTOTUNE values.
     """
     target, device = device_target(q)
-    block_d, block_dv = _head_block(q.shape[-1]), _head_block(v.shape[-1])
+    mask = None if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
+    flags = (varlen, tuple(window), softcap > 0, alibi_slopes is not None, sinks is not None, mask, dropout_p > 0)
+    tma_env = os.environ.get("TILEATTN_TMA")
+    # alignment decides only on sm_90 for 16-bit data (see _tma_ok); elsewhere skip reading it
+    misaligned = None
+    if use_tma is None and tma_env != "0" and target == "sm_90" and q.dtype in _TMA_DTYPES:
+        misaligned = _misaligned(q, k, v)
+    return _make_plan(target, device, q.dtype, q.shape[-1], v.shape[-1], flags, tma_env, misaligned,
+                      os.environ.get("TILEATTN_AUTOTUNE"), None if configs is None else tuple(configs), use_tma)
+
+
+@functools.lru_cache(maxsize=1024)
+def _make_plan(target, device, dtype, head_dim, head_dim_v, flags, tma_env, misaligned, autotune_env, configs,
+               use_tma) -> FwdPlan:
+    """:func:`forward_plan` from hashable facts; flags = (varlen, window, softcap, alibi, sinks,
+    mask kind None / "bool" / "float", dropout)."""
+    varlen, window, softcap, alibi, sinks, mask, dropout = flags
+    block_d, block_dv = _head_block(head_dim), _head_block(head_dim_v)
     features = tuple(name for name, on in (
-        ("varlen", varlen), (f"causal/window {tuple(window)}", tuple(window) != (-1, -1)),
-        ("softcap", softcap > 0), ("alibi", alibi_slopes is not None), ("sinks", sinks is not None),
-        (f"{'bool' if attn_mask is not None and attn_mask.dtype == torch.bool else 'float'} mask",
-         attn_mask is not None), ("dropout", dropout_p > 0)) if on)
+        ("varlen", varlen), (f"causal/window {window}", window != (-1, -1)), ("softcap", softcap),
+        ("alibi", alibi), ("sinks", sinks), (f"{mask} mask", mask is not None), ("dropout", dropout)) if on)
     if use_tma is None:
-        use_tma, loads_why = _tma_ok(target, q, k, v, v.shape[-1])
+        use_tma, loads_why = _tma_ok(target, dtype, misaligned, head_dim, head_dim_v, tma_env)
     else:
         loads_why = f"{'TMA tensor descriptors' if use_tma else 'pointer loads'} (forced by caller)"
-    width = "32" if q.dtype == torch.float32 else "16"
+    width = "32" if dtype == torch.float32 else "16"
     if configs is None:
         dkey = 0 if target == "interpreter" else max(64, max(block_d, block_dv))
         configs = _CONFIGS[(target, width, dkey)]
-        if attn_mask is not None and target == "sm_90" and width == "16" and dkey in _MASK_CONFIGS:
+        if mask is not None and target == "sm_90" and width == "16" and dkey in _MASK_CONFIGS:
             configs = _MASK_CONFIGS[dkey]
-        if os.environ.get("TILEATTN_AUTOTUNE") == "0":
+        if autotune_env == "0":
             configs = configs[:1]
-    return FwdPlan(target, device, q.dtype, q.shape[-1], v.shape[-1], block_d, block_dv, features,
+    return FwdPlan(target, device, dtype, head_dim, head_dim_v, block_d, block_dv, features,
                    bool(use_tma), loads_why, tuple(configs), target != "interpreter" and len(configs) > 1)
 
 
@@ -223,8 +269,54 @@ def describe(q, k, v, *, causal=False, window=(-1, -1), **features) -> str:
 _TUNED = {}
 
 
+def _max_shared_mem(device_index) -> int:
+    """Shared memory one program may use on this CUDA device (bytes)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+class TunedKernel(KernelInterface):
+    """A ``triton.autotune`` Autotuner's choice, launched without its per-call overhead.
+
+    Called like the Autotuner (``kernel[grid](*args, **kwargs)``). The first call per tuning key
+    runs the Autotuner itself, which prunes, times the configs and launches the fastest; later
+    calls launch ``fn`` with that config's meta-parameters directly (``fn.run``, as the
+    Autotuner does), skipping its per-call argument dicts and key building (~30 us per call on
+    the H200 machine's host).
+
+    The tuning key refines the Autotuner's (the values of ``tune_sq`` and ``tune_sk`` plus the
+    dtype of every tensor argument), see :meth:`_key`; tensors must be passed positionally, as
+    our launchers do.
+    ``best_config`` is the config of the latest launch, as on the Autotuner.
+    """
+
+    def __init__(self, fn, tuner):
+        self.fn = fn
+        self.tuner = tuner
+        self.best_config = None
+        self._key_args = [(fn.arg_names.index(name), name) for name in tuner.keys]
+        self._chosen = {}  # tuning key -> (triton.Config, its launch kwargs)
+
+    def _key(self, args, kwargs):
+        """Key values, then each positional argument's dtype or None: a key at least as fine as
+        the Autotuner's (so a call never reuses a choice made for another Autotuner key)."""
+        values = [args[i] if i < len(args) else kwargs[name] for i, name in self._key_args]
+        return (*values, *map(getattr, args, repeat("dtype"), repeat(None)))
+
+    def run(self, *args, grid, warmup, **kwargs):
+        key = self._key(args, kwargs)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            ret = self.tuner.run(*args, grid=grid, warmup=warmup, **kwargs)
+            config = self.tuner.best_config
+            self._chosen[key] = (config, config.all_kwargs())
+            self.best_config = config
+            return ret
+        self.best_config, meta = chosen
+        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **meta)
+
+
 def autotuner(kernel, key, configs, smem_bytes, tile_rows, tune_len):
-    """``triton.autotune`` of ``kernel`` over ``configs``, cached under ``key``.
+    """``triton.autotune`` of ``kernel`` over ``configs`` (as a :class:`TunedKernel`), cached under ``key``.
 
     configs: objects with block_m, block_n, num_warps, num_stages (``FwdConfig``, the backward's
     ``Cfg``); the prune callbacks see each candidate as a ``FwdConfig``. The tuning key is the
@@ -242,7 +334,7 @@ def autotuner(kernel, key, configs, smem_bytes, tile_rows, tune_len):
     def prune(candidates, named_args, **kwargs):
         args = {**named_args, **kwargs}
         q = args["Q"]
-        limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
+        limit = _max_shared_mem(q.device.index)
 
         def fits(tc):
             c = FwdConfig(tc.kwargs["BLOCK_M"], tc.kwargs["BLOCK_N"], tc.num_warps, tc.num_stages)
@@ -253,8 +345,8 @@ def autotuner(kernel, key, configs, smem_bytes, tile_rows, tune_len):
 
     cfgs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
                           num_stages=c.num_stages) for c in configs]
-    _TUNED[key] = triton.autotune(cfgs, key=["tune_sq", "tune_sk"],
-                                  prune_configs_by={"early_config_prune": prune})(kernel)
+    tuner = triton.autotune(cfgs, key=["tune_sq", "tune_sk"], prune_configs_by={"early_config_prune": prune})(kernel)
+    _TUNED[key] = TunedKernel(kernel, tuner)
     return _TUNED[key]
 
 

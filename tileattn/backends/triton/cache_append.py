@@ -8,6 +8,8 @@ of a paged cache (num_blocks, page_size, Hkv, D). Positions are read on device (
 import triton
 import triton.language as tl
 
+from tileattn.plan import next_pow2
+
 from .combine import _rows_mask
 
 
@@ -65,8 +67,8 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_table.stride(0) if paged else 0,
         Sn, Hkv,
-        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_H=triton.next_power_of_2(Hkv),
-        BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_H=next_pow2(Hkv),
+        BLOCK_D=next_pow2(D), BLOCK_DV=next_pow2(Dv),
         PAGE_SIZE=k_cache.shape[1] if paged else 0,
         num_warps=4,
     )

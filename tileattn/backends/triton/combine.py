@@ -9,6 +9,8 @@ in any split (and no sink) gets out = 0, lse = -inf, never NaN.
 import triton
 import triton.language as tl
 
+from tileattn.plan import next_pow2
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -74,8 +76,8 @@ def combine_splits(part_o, part_lse, sinks, out, lse):
         out.stride(0), out.stride(1), out.stride(2), *lse.stride(),
         sinks.stride(0) if sinks is not None else 0,
         Sn, Hq,
-        NUM_SPLITS=S, HEAD_DIM_V=Dv, BLOCK_S=triton.next_power_of_2(S),
-        BLOCK_DV=triton.next_power_of_2(Dv), HAS_SINKS=sinks is not None,
+        NUM_SPLITS=S, HEAD_DIM_V=Dv, BLOCK_S=next_pow2(S),
+        BLOCK_DV=next_pow2(Dv), HAS_SINKS=sinks is not None,
         num_warps=4 if S * Dv >= 2048 else 1,
     )
     return out, lse

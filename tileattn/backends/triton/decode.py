@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tileattn.plan import next_pow2
+
 from .combine import LN2, LOG2E, _rows_mask, combine_splits
 
 
@@ -239,7 +241,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, n_new, *, 
         Hkv, Sn, n_new, scale, softcap, left, right,
         G=Hq // Hkv, HEAD_DIM=D, HEAD_DIM_V=Dv,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
+        BLOCK_D=next_pow2(D), BLOCK_DV=next_pow2(Dv),
         PAGE_SIZE=k_cache.shape[1] if paged else 0, NUM_SPLITS=splits, SPLIT=splits > 1,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,

@@ -250,7 +250,7 @@ def run_forward(q, k, v, fplan, *, scale, window, softcap, alibi_slopes, sinks, 
     # a window wider than any |i + off - j| (< 2^30) is the same window; clamping keeps i32 math exact
     window_left, window_right = (w if w < 0 else min(w, 2**30) for w in window)
     mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
-    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
+    grid = lambda meta: (_plan.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
     kernel = _plan.forward_kernel(_fwd_kernel, fplan)
     if fplan.use_tma and q.is_cuda:
         _ensure_tma_allocator()
