@@ -46,9 +46,7 @@ _DKDV = {
                           Cfg(64, 64, 8, 3, "more programs for short sequences; causal spills 608 B")),
     ("sm_90", "16", 128): (Cfg(32, 128, 8, 3, "128 keys per program, 32-row steps: no spill (causal: 192 B)"),
                            Cfg(16, 128, 8, 3, "16-row steps: no spill with causal masking"),
-                           Cfg(64, 128, 8, 3, "Flex H100 D=128 choice; spills 176 B (causal: 1.1 kB)"),
-                           Cfg(64, 128, 8, 2, "spills 144 B (causal 496 B) but the fastest forced dK/dV config "
-                                              "on the H200 probe: causal 4k/16k 310/358 vs 283/334 TFLOP/s")),
+                           Cfg(64, 128, 8, 3, "Flex H100 D=128 choice; spills 176 B (causal: 1.1 kB)")),
     ("sm_90", "16", 256): (Cfg(16, 64, 8, 2, "dk/dv 64x256 fp32 over two warpgroups; no spill (causal: 128 B)"),
                            Cfg(32, 64, 8, 2, "longer row steps; spills 40 B (causal: 336 B)"),
                            Cfg(64, 64, 8, 2, "Flex H100 D=256 shape; spills 408 B")),
@@ -67,9 +65,7 @@ _DQ = {
                           Cfg(64, 64, 4, 3, "more programs for short sequences; 153 regs")),
     ("sm_90", "16", 128): (Cfg(128, 64, 8, 3, "Flex H100 D=128 choice; 234 regs, no spill"),
                            Cfg(128, 64, 8, 2, "shallower pipeline; 224 regs"),
-                           Cfg(128, 32, 8, 3, "short key steps; 176 regs"),
-                           Cfg(128, 64, 8, 4, "deeper pipeline; 250 regs, no spill; H200 probe N=16k: 377 vs "
-                                              "372 TFLOP/s for 3 stages")),
+                           Cfg(128, 32, 8, 3, "short key steps; 176 regs")),
     ("sm_90", "16", 256): (Cfg(128, 32, 8, 2, "dq 128x256 fp32 over two warpgroups; no spill"),
                            Cfg(64, 32, 8, 2, "more programs; 237 regs"),
                            Cfg(64, 64, 8, 2, "Flex H100 D=256 shape; spills 96 B")),
