@@ -27,11 +27,10 @@ import os
 from collections import namedtuple
 
 import torch
-import triton
 
 from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
 from tileattn.backends.triton.forward import _ensure_tma_allocator
-from tileattn.plan import autotuner, bucket, device_target
+from tileattn.plan import autotuner, bucket, cdiv, device_target, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -178,12 +177,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
         return dq.zero_(), dk.zero_(), dv.zero_(), dsinks, dmask
 
     head_d, head_dv = q.shape[-1], v.shape[-1]
-    block_d, block_dv = max(16, triton.next_power_of_2(head_d)), max(16, triton.next_power_of_2(head_dv))
-    pre_m = min(128, 8192 // block_dv)  # 8k elements per tile: no register spills at Dv = 256
-    _bwd_preprocess[(triton.cdiv(max_seqlen_q, pre_m) * batch * hq,)](
-        out, dout, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(dout, varlen), stride_lb, stride_lh,
-        hq, seqlen_q, max_seqlen_q, HEAD_DV=head_dv, BLOCK_M=pre_m, BLOCK_DV=block_dv, IS_VARLEN=varlen)
-
+    block_d, block_dv = max(16, next_pow2(head_d)), max(16, next_pow2(head_dv))
     left, right = window
     mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
     use_tma = _use_tma(q, k, v, dout, max(max_seqlen_q, max_seqlen_k))
@@ -202,14 +196,19 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     if use_tma and q.is_cuda:
         _ensure_tma_allocator()
     kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv, work), features)
-    kernel[lambda m: (triton.cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
+    # preprocess launched only now, right before dK/dV: host work between the two would idle the GPU
+    pre_m = min(128, 8192 // block_dv)  # 8k elements per tile: no register spills at Dv = 256
+    _bwd_preprocess[(cdiv(max_seqlen_q, pre_m) * batch * hq,)](
+        out, dout, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(dout, varlen), stride_lb, stride_lh,
+        hq, seqlen_q, max_seqlen_q, HEAD_DV=head_dv, BLOCK_M=pre_m, BLOCK_DV=block_dv, IS_VARLEN=varlen)
+    kernel[lambda m: (cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
         q, k, v, dout, lse, delta, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
         *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
         hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k, *scalars, **flags, **meta)
 
     sink_delta = torch.empty_like(delta) if sinks is not None else delta  # unused without sinks
     kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv, work), features)
-    kernel[lambda m: (triton.cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
+    kernel[lambda m: (cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
         q, k, v, dout, lse, delta, sink_delta, dq, dmask, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
         *common, *_strides(dq, varlen), *tail,
         hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q, *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None,
