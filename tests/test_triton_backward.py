@@ -124,6 +124,19 @@ def _run_case(shape, spec, dtype, device, layout="bshd"):
     return got
 
 
+def _run_varlen(lens_q, lens_k, Hq, Hkv, D, spec, dtype):
+    """Varlen forward + backward of packed sequences of these lengths, checked against the oracle."""
+    cq, ck = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
+    q = torch.randn(sum(lens_q), Hq, D, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(sum(lens_k), Hkv, D, device=DEVICE, dtype=dtype) for _ in range(2))
+    kw = _features(spec, len(lens_q), 1, 1, Hq, D, dtype, DEVICE)
+    varlen = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+    out, lse = forward(q, k, v, **kw, **varlen)
+    dout = torch.randn_like(out)
+    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw, **varlen)
+    _check(got, dout, q, k, v, kw, False, varlen=(cq, ck))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("name,shape,spec", CASES, ids=[c[0] for c in CASES])
 def test_backward(name, shape, spec, dtype):
@@ -179,18 +192,7 @@ def test_tile_loads(monkeypatch, tma):
                        dtype=dtype, device=DEVICE), 8) == (tma == "1")
     _run_case((1, 45, 38, 4, 2, 40, 40), dict(window=(-1, 0), alibi=True), dtype, DEVICE)
     _run_case((2, 33, 50, 2, 2, 32, 16), dict(window=(7, 3), sinks=True, p=0.2), dtype, DEVICE)
-    lens_q, lens_k = [5, 0, 17, 3], [9, 3, 17, 0]
-    cq, ck = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
-    q = torch.randn(sum(lens_q), 4, 32, device=DEVICE, dtype=dtype)
-    k, v = (torch.randn(sum(lens_k), 2, 32, device=DEVICE, dtype=dtype) for _ in range(2))
-    kw = _features(dict(window=(-1, 0)), 4, 1, 1, 4, 32, dtype, DEVICE)
-    kw.update(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
-    out, lse = forward(q, k, v, **kw)
-    dout = torch.randn_like(out)
-    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
-    for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"):
-        kw.pop(n)
-    _check(got, dout, q, k, v, kw, False, varlen=(cq, ck))
+    _run_varlen([5, 0, 17, 3], [9, 3, 17, 0], 4, 2, 32, dict(window=(-1, 0)), dtype)
 
 
 def test_empty_rows_zero_grads():
@@ -215,20 +217,8 @@ def test_large_logits():
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen(causal):
     """Zero-length q and k sequences, per-sequence bottom-right causal, GQA, ALiBi, sinks, dropout."""
-    lens_q, lens_k = [5, 0, 17, 1, 40, 3], [9, 3, 17, 0, 33, 0]
-    cq, ck = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
-    B, Hq, Hkv, D = len(lens_q), 4, 2, 32
-    q = torch.randn(sum(lens_q), Hq, D, device=DEVICE)
-    k, v = (torch.randn(sum(lens_k), Hkv, D, device=DEVICE) for _ in range(2))
     spec = dict(window=(-1, 0) if causal else (-1, -1), alibi=True, sinks=True, p=0.25)
-    kw = _features(spec, B, 1, 1, Hq, D, q.dtype, DEVICE)
-    kw.update(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
-    out, lse = forward(q, k, v, **kw)
-    dout = torch.randn_like(out)
-    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
-    for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"):
-        kw.pop(n)
-    _check(got, dout, q, k, v, kw, False, varlen=(cq, ck))
+    _run_varlen([5, 0, 17, 1, 40, 3], [9, 3, 17, 0, 33, 0], 4, 2, 32, spec, torch.float32)
 
 
 def test_varlen_all_empty_keys():

@@ -67,6 +67,22 @@ def _store_rows(base, x, start, nrows, stride_row, ncols, BLOCK_R: tl.constexpr,
 
 
 @triton.jit
+def _tile_sources(a_base, b_base, nrows, stride_a, stride_b, COLS_A: tl.constexpr, COLS_B: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, USE_TMA: tl.constexpr):
+    """What the inner loop loads its (BLOCK_R, BLOCK_A) / (BLOCK_R, BLOCK_B) tiles from: tensor
+    descriptors over the sequence's rows (TMA zero-fills rows >= nrows and padding columns), or
+    the row-0 pointers themselves (``load_rows`` masks)."""
+    if USE_TMA:
+        n = tl.maximum(nrows, 1)
+        a_src = tl.make_tensor_descriptor(a_base, [n, COLS_A], [stride_a, 1], [BLOCK_R, BLOCK_A])
+        b_src = tl.make_tensor_descriptor(b_base, [n, COLS_B], [stride_b, 1], [BLOCK_R, BLOCK_B])
+    else:
+        a_src = a_base
+        b_src = b_base
+    return a_src, b_src
+
+
+@triton.jit
 def _load_lse2(lse_base, offs, seqlen):
     """lse * log2(e) of rows ``offs``; +inf for empty rows and rows past ``seqlen`` ([Note] empty rows)."""
     lse = tl.load(lse_base + offs, mask=offs < seqlen, other=float("inf"))
@@ -276,13 +292,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
             h64 = off_h.to(tl.int64)
             q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
             do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
-            if USE_TMA:  # bounded by this sequence: TMA zero-fills rows >= seqlen_q, columns >= HEAD_D
-                nq = tl.maximum(seqlen_q, 1)
-                q_src = tl.make_tensor_descriptor(q_base, [nq, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
-                do_src = tl.make_tensor_descriptor(do_base, [nq, HEAD_DV], [stride_dom, 1], [BLOCK_M, BLOCK_DV])
-            else:
-                q_src = q_base
-                do_src = do_base
+            q_src, do_src = _tile_sources(q_base, do_base, seqlen_q, stride_qm, stride_dom,
+                                          HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
             lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q0
             delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
             if MASK_KIND != 0:
@@ -435,13 +446,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, SinkDelta, DQ, DMask, Slopes, Mask
         delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, mask=offs_m < seqlen_q, other=0.0)
         k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
         v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
-        if USE_TMA:  # bounded by this sequence: TMA zero-fills keys >= seqlen_k, columns >= HEAD_D
-            nk = tl.maximum(seqlen_k, 1)
-            k_src = tl.make_tensor_descriptor(k_base, [nk, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-            v_src = tl.make_tensor_descriptor(v_base, [nk, HEAD_DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
-        else:
-            k_src = k_base
-            v_src = v_base
+        k_src, v_src = _tile_sources(k_base, v_base, seqlen_k, stride_kn, stride_vn,
+                                     HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
         if MASK_KIND != 0:
             mask_base = Mask + b64 * stride_mb + h64 * stride_mh
         else:
