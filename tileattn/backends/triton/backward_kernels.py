@@ -83,6 +83,19 @@ def _tile_sources(a_base, b_base, nrows, stride_a, stride_b, COLS_A: tl.constexp
 
 
 @triton.jit
+def _load_tiles(a_src, b_src, start, nrows, stride_a, stride_b, COLS_A: tl.constexpr, COLS_B: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start+BLOCK_R) of both sources of :func:`_tile_sources`, 0 past nrows / COLS."""
+    if USE_TMA:
+        a = a_src.load([start, 0])
+        b = b_src.load([start, 0])
+    else:
+        a = load_rows(a_src, start, nrows, stride_a, COLS_A, BLOCK_R, BLOCK_A, True, COLS_A != BLOCK_A)
+        b = load_rows(b_src, start, nrows, stride_b, COLS_B, BLOCK_R, BLOCK_B, True, COLS_B != BLOCK_B)
+    return a, b
+
+
+@triton.jit
 def _load_lse2(lse_base, offs, seqlen):
     """lse * log2(e) of rows ``offs``; +inf for empty rows and rows past ``seqlen`` ([Note] empty rows)."""
     lse = tl.load(lse_base + offs, mask=offs < seqlen, other=float("inf"))
@@ -198,12 +211,8 @@ def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, lo
     for m0 in range(lo, hi, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + offs_m0
-        if USE_TMA:
-            q = q_src.load([m0, 0])
-            do = do_src.load([m0, 0])
-        else:
-            q = load_rows(q_src, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, True, HEAD_D != BLOCK_D)
-            do = load_rows(do_src, m0, seqlen_q, stride_dom, HEAD_DV, BLOCK_M, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
+        q, do = _load_tiles(q_src, do_src, m0, seqlen_q, stride_qm, stride_dom, HEAD_D, HEAD_DV,
+                            BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
         lse2 = _load_lse2(lse_base, offs_m, seqlen_q)
         delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
 
@@ -355,12 +364,8 @@ def _dq_tiles(dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, 
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         offs_n = n0 + offs_n0
-        if USE_TMA:
-            k = k_src.load([n0, 0])
-            v = v_src.load([n0, 0])
-        else:
-            k = load_rows(k_src, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, True, HEAD_D != BLOCK_D)
-            v = load_rows(v_src, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
+        k, v = _load_tiles(k_src, v_src, n0, seqlen_k, stride_kn, stride_vn, HEAD_D, HEAD_DV,
+                           BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if MASK_KIND != 0:
             mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N)
