@@ -118,7 +118,8 @@ def bucket(n: int) -> int:
     return max(16, next_pow2(max(int(n), 1)))
 
 
-def _head_block(d: int) -> int:
+def head_block(d: int) -> int:
+    """Kernel block width of a head dim: next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, next_pow2(d))
 
 
@@ -140,10 +141,10 @@ def _cuda_target(device: torch.device):
 _TMA_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _misaligned(q, k, v):
-    """(name, strides) of the first of q, k, v that TMA cannot read (empty, or a pointer or a
-    non-unit stride not 16-byte aligned), else None."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def first_misaligned(**tensors):
+    """(name, strides) of the first named tensor that TMA cannot read (empty, or a pointer or a
+    non-unit stride not 16-byte aligned), else None. Shared by the forward plan and the backward."""
+    for name, t in tensors.items():
         strides = t.stride()
         # every stride s has s * elt_size % 16 == 0 exactly when their gcd does
         if t.numel() == 0 or t.data_ptr() % 16 or math.gcd(*strides[:-1]) * t.element_size() % 16:
@@ -154,7 +155,7 @@ def _misaligned(q, k, v):
 def _tma_ok(target, dtype, misaligned, head_dim, head_dim_v, env):
     """(bool, reason): TMA descriptors need sm_90+, 16-bit data, 16-byte aligned pointers/strides.
 
-    misaligned: :func:`_misaligned` of q, k, v (only looked at on sm_90 for 16-bit data);
+    misaligned: :func:`first_misaligned` of q, k, v (only looked at on sm_90 for 16-bit data);
     env: the ``TILEATTN_TMA`` value (or None).
     """
     if env == "0":
@@ -167,7 +168,7 @@ def _tma_ok(target, dtype, misaligned, head_dim, head_dim_v, env):
         return False, f"pointer loads: {misaligned[0]} pointer or strides {misaligned[1]} not 16-byte aligned"
     if head_dim_v * dtype.itemsize % 16:
         return False, "pointer loads: output rows (Dv) not 16-byte aligned"
-    if env != "1" and max(_head_block(head_dim), _head_block(head_dim_v)) < 256:
+    if env != "1" and max(head_block(head_dim), head_block(head_dim_v)) < 256:
         return False, ("pointer loads: head dims <= 128 (H200: as fast as TMA at 16k keys, faster at 1k "
                        "where per-program descriptor setup shows: 2-13%, D=64 causal 263 vs 140 TFLOP/s)")
     return True, "TMA tensor descriptors: sm_90, 16-bit dtype, 16-byte aligned pointers and strides"
@@ -228,7 +229,7 @@ def forward_plan(q, k, v, *, window=(-1, -1), softcap=0.0, alibi_slopes=None, si
     # alignment decides only on sm_90 for 16-bit data (see _tma_ok); elsewhere skip reading it
     misaligned = None
     if use_tma is None and tma_env != "0" and target == "sm_90" and q.dtype in _TMA_DTYPES:
-        misaligned = _misaligned(q, k, v)
+        misaligned = first_misaligned(q=q, k=k, v=v)
     return _make_plan(target, device, q.dtype, q.shape[-1], v.shape[-1], flags, tma_env, misaligned,
                       os.environ.get("TILEATTN_AUTOTUNE"), None if configs is None else tuple(configs), use_tma)
 
@@ -239,7 +240,7 @@ def _make_plan(target, device, dtype, head_dim, head_dim_v, flags, tma_env, misa
     """:func:`forward_plan` from hashable facts; flags = (varlen, window, softcap, alibi, sinks,
     mask kind None / "bool" / "float", dropout)."""
     varlen, window, softcap, alibi, sinks, mask, dropout = flags
-    block_d, block_dv = _head_block(head_dim), _head_block(head_dim_v)
+    block_d, block_dv = head_block(head_dim), head_block(head_dim_v)
     features = tuple(name for name, on in (
         ("varlen", varlen), (f"causal/window {window}", window != (-1, -1)), ("softcap", softcap),
         ("alibi", alibi), ("sinks", sinks), (f"{mask} mask", mask is not None), ("dropout", dropout)) if on)

@@ -30,7 +30,7 @@ import torch
 
 from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
 from tileattn.backends.triton.forward import _ensure_tma_allocator
-from tileattn.plan import autotuner, bucket, cdiv, device_target, next_pow2
+from tileattn.plan import autotuner, bucket, cdiv, device_target, first_misaligned, head_block
 
 LOG2E = 1.4426950408889634
 
@@ -132,8 +132,8 @@ def _use_tma(q, k, v, dout, max_seqlen):
         return False
     if env != "1" and not (q.is_cuda and device_target(q)[0] == "sm_90" and max_seqlen >= TMA_MIN_SEQLEN):
         return False
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-               and t.shape[-1] * t.element_size() % 16 == 0 for t in (q, k, v, dout))
+    return (first_misaligned(q=q, k=k, v=v, dout=dout) is None
+            and all(t.shape[-1] * t.element_size() % 16 == 0 for t in (q, k, v, dout)))
 
 
 def _strides(t, varlen):
@@ -177,7 +177,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
         return dq.zero_(), dk.zero_(), dv.zero_(), dsinks, dmask
 
     head_d, head_dv = q.shape[-1], v.shape[-1]
-    block_d, block_dv = max(16, next_pow2(head_d)), max(16, next_pow2(head_dv))
+    block_d, block_dv = head_block(head_d), head_block(head_dv)
     left, right = window
     mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
     use_tma = _use_tma(q, k, v, dout, max(max_seqlen_q, max_seqlen_k))
