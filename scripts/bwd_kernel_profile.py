@@ -4,7 +4,7 @@
 
 For each N and causal off/on: one warm ``loss.backward()`` per provider, then the CUDA time of
 every kernel of 5 more under ``torch.profiler`` (us per call, summed per kernel name), so the
-gap to Flex can be split between tileattn's preprocess, dK/dV and dQ kernels.
+gap to Flex can be split between tileattn's dQ and dK/dV kernels.
 """
 
 import sys

@@ -1,10 +1,10 @@
 """Triton flash-attention backward: the contract's ``backward`` (dense and varlen), launcher only.
 
-Kernels live in ``backward_kernels.py`` (preprocess delta, dK/dV over key blocks, dQ over
-query blocks). Inputs follow ``tileattn.backends``: q (B, Sq, Hq, D), k (B, Sk, Hkv, D),
-v (B, Sk, Hkv, Dv), dout/out (B, Sq, Hq, Dv), lse fp32 (B, Hq, Sq) [varlen: (Tq, Hq, D),
-(Tk, Hkv, D[v]), lse (Hq, Tq)], any strides. Returns dq, dk, dv contiguous in their inputs'
-dtypes, dsinks fp32 (Hq,) or None, dmask fp32 (B, Hq, Sq, Sk) or None.
+Kernels live in ``backward_kernels.py`` (dQ over query blocks, which also writes
+delta = rowsum(out * dout), then dK/dV over key blocks). Inputs follow ``tileattn.backends``:
+q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv), dout/out (B, Sq, Hq, Dv), lse fp32
+(B, Hq, Sq) [varlen: (Tq, Hq, D), (Tk, Hkv, D[v]), lse (Hq, Tq)], any strides. Returns dq, dk,
+dv contiguous in their inputs' dtypes, dsinks fp32 (Hq,) or None, dmask fp32 (B, Hq, Sq, Sk) or None.
 
 Determinism: there are no atomics anywhere and every gradient element is produced by one
 program in a fixed order, so gradients are bitwise reproducible for any ``deterministic``
@@ -28,7 +28,7 @@ from collections import namedtuple
 
 import torch
 
-from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
+from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
 from tileattn.backends.triton.forward import _ensure_tma_allocator
 from tileattn.plan import autotuner, bucket, cdiv, device_target, first_misaligned, head_block
 
@@ -195,24 +195,19 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     work = bucket(max_seqlen_q) * bucket(max_seqlen_k)
     if use_tma and q.is_cuda:
         _ensure_tma_allocator()
+    sink_delta = torch.empty_like(delta) if sinks is not None else delta  # unused without sinks
+    # dQ first: it writes delta = rowsum(out * dout), which the dK/dV kernel reads
+    kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv, work), features)
+    kernel[lambda m: (cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
+        q, k, v, dout, out, lse, delta, sink_delta, dq, dmask, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
+        *common, *_strides(out, varlen), *_strides(dq, varlen), *tail,
+        hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q, *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None,
+        **flags, **meta)
     kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv, work), features)
-    # preprocess launched only now, right before dK/dV: host work between the two would idle the GPU
-    pre_m = min(128, 8192 // block_dv)  # 8k elements per tile: no register spills at Dv = 256
-    _bwd_preprocess[(cdiv(max_seqlen_q, pre_m) * batch * hq,)](
-        out, dout, delta, cu_seqlens_q, *_strides(out, varlen), *_strides(dout, varlen), stride_lb, stride_lh,
-        hq, seqlen_q, max_seqlen_q, HEAD_DV=head_dv, BLOCK_M=pre_m, BLOCK_DV=block_dv, IS_VARLEN=varlen)
     kernel[lambda m: (cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
         q, k, v, dout, lse, delta, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
         *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
         hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k, *scalars, **flags, **meta)
-
-    sink_delta = torch.empty_like(delta) if sinks is not None else delta  # unused without sinks
-    kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv, work), features)
-    kernel[lambda m: (cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
-        q, k, v, dout, lse, delta, sink_delta, dq, dmask, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
-        *common, *_strides(dq, varlen), *tail,
-        hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q, *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None,
-        **flags, **meta)
 
     dsinks = None
     if sinks is not None:  # P_sink,i = exp(sink - lse_i) times dS = 0 - delta_i (from fp32 p * dp)
