@@ -11,9 +11,12 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from tileattn import reference
 from tileattn.backends.triton.backward import backward
+from tileattn.backends.triton.backward_kernels import _block_and_head
 from helpers import assert_close, cu_seqlens, leaf, make_qkv
 
 try:
@@ -193,6 +196,38 @@ def test_tile_loads(monkeypatch, tma):
     _run_case((1, 45, 38, 4, 2, 40, 40), dict(window=(-1, 0), alibi=True), dtype, DEVICE)
     _run_case((2, 33, 50, 2, 2, 32, 16), dict(window=(7, 3), sinks=True, p=0.2), dtype, DEVICE)
     _run_varlen([5, 0, 17, 3], [9, 3, 17, 0], 4, 2, 32, dict(window=(-1, 0)), dtype)
+
+
+@triton.jit
+def _order_kernel(Out, num_blocks, head_group):
+    block, bh = _block_and_head(tl.program_id(0), num_blocks, head_group)
+    tl.store(Out + 2 * tl.program_id(0), block)
+    tl.store(Out + 2 * tl.program_id(0) + 1, bh)
+
+
+@pytest.mark.parametrize("num_blocks,num_bh,head_group", [(5, 6, 1), (5, 6, 4), (3, 7, 2), (4, 3, 8), (1, 5, 4)])
+def test_program_order(num_blocks, num_bh, head_group):
+    """_block_and_head maps the 1-D grid onto every (block, batch * head) pair exactly once, a
+    group of head_group heads (the last one partial) at a time with block 0 first in each group."""
+    got = torch.zeros(num_blocks * num_bh, 2, dtype=torch.int32, device=DEVICE)
+    _order_kernel[(num_blocks * num_bh,)](got, num_blocks, head_group)
+    pairs = [tuple(p) for p in got.tolist()]
+    assert sorted(pairs) == [(b, h) for b in range(num_blocks) for h in range(num_bh)]
+    group = min(head_group, num_bh)
+    assert pairs[:group] == [(0, h) for h in range(group)]
+    assert pairs[group * num_blocks - 1] == (num_blocks - 1, group - 1)
+
+
+def test_head_group():
+    """Causal (uneven) programs: the largest power of two <= B * H heads whose re-read rows fit
+    in L2_SHARE, head-major below MIN_HEAD_GROUP heads and for even work."""
+    rows = BW.L2_SHARE // 512 // 8  # 8 heads fit
+    assert BW._head_group(False, 16, 16, 64) == 1
+    assert BW._head_group(True, 16, 16, 6) == 4
+    assert BW._head_group(True, 16, 16, 3) == 1
+    assert BW._head_group(True, rows, 512, 64) == 8
+    assert BW._head_group(True, rows + 1, 512, 64) == 4
+    assert BW._head_group(True, rows * 4, 512, 64) == 1
 
 
 def test_empty_rows_zero_grads():

@@ -98,6 +98,23 @@ def _load_tiles(a_src, b_src, start, nrows, stride_a, stride_b, COLS_A: tl.const
 
 
 @triton.jit
+def _block_and_head(pid, num_blocks, head_group):
+    """(block index, batch * head index) of program ``pid`` in a 1-D grid of num_blocks * B * H.
+
+    Heads are taken ``head_group`` at a time and, within a group, the block index is the slow
+    one: the group's programs of block 0 launch first, for all its heads. Under causal masking
+    block 0 holds the most work (key block 0 of dK/dV; the last row block of dQ once reversed),
+    so the longest programs start early and the short ones fill the tail; the group's q/dout
+    (or k/v) stays small enough to be shared in L2. head_group = 1 is head-major order.
+    """
+    per_group = head_group * num_blocks
+    first = (pid // per_group) * head_group
+    size = tl.minimum(head_group, tl.num_programs(0) // num_blocks - first)
+    r = pid % per_group
+    return r // size, first + r % size
+
+
+@triton.jit
 def _load_lse2(lse_base, offs, seqlen):
     """lse * log2(e) of rows ``offs``; +inf for empty rows and rows past ``seqlen`` ([Note] empty rows)."""
     lse = tl.load(lse_base + offs, mask=offs < seqlen, other=float("inf"))
@@ -220,7 +237,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
                      stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                      stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
-                     num_kv_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_k,
+                     num_kv_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_k, head_group,
                      scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
                      tune_sq, tune_sk,
                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -230,13 +247,12 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
                      DOT_PREC: tl.constexpr):
     """Grid (cdiv(max_seqlen_k, BLOCK_N) * B * Hkv,): dk, dv of BLOCK_N keys of one kv head.
 
-    The key block is the fastest grid index (programs running together share a head's q/dout
-    in L2). Query head h = kv_head * group + g for g < group (GQA). Every key row < seqlen_k is
+    Program order: ``_block_and_head`` (head_group heads at a time, key block 0 first; programs
+    running together share their heads' q/dout in L2). Query head h = kv_head * group + g for
+    g < group (GQA). Every key row < seqlen_k is
     stored, zeros when no row keeps it. tune_sq / tune_sk: autotune key only.
     """
-    num_n = tl.cdiv(max_seqlen_k, BLOCK_N)
-    pid_n = tl.program_id(0) % num_n
-    off_bh = tl.program_id(0) // num_n
+    pid_n, off_bh = _block_and_head(tl.program_id(0), tl.cdiv(max_seqlen_k, BLOCK_N), head_group)
     off_b = off_bh // num_kv_heads
     off_hk = off_bh % num_kv_heads
     q_start = 0
@@ -371,7 +387,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Delta, SinkDelta, DQ, DMask, Slopes,
                    stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                    stride_ob, stride_om, stride_oh, stride_dqb, stride_dqm, stride_dqh,
                    stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
-                   num_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_q,
+                   num_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_q, head_group,
                    scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
                    tune_sq, tune_sk,
                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -381,8 +397,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Delta, SinkDelta, DQ, DMask, Slopes,
                    USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,): dq of BLOCK_M rows of one query head.
 
-    The row block is the fastest grid index (programs running together share a head's K/V in
-    L2); with HAS_RIGHT the longest rows' blocks start first. DMask (MASK_GRAD, dense only):
+    Program order: ``_block_and_head`` (head_group heads at a time, sharing K/V in L2); with
+    HAS_RIGHT the row blocks are reversed so the longest rows start first. DMask (MASK_GRAD, dense only):
     contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher; this kernel writes the tiles
     it visits. SINKS: SinkDelta (laid out like Delta) gets sum_j P dP from fp32 p and dp, so
     dsinks does not inherit out's rounding: with few keys that rounding alone exceeds the fp16
@@ -390,8 +406,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Delta, SinkDelta, DQ, DMask, Slopes,
     the kernel (autotuning) writes the same values.
     """
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
-    pid_m = tl.program_id(0) % num_m
-    off_bh = tl.program_id(0) // num_m
+    pid_m, off_bh = _block_and_head(tl.program_id(0), num_m, head_group)
     if HAS_RIGHT:
         pid_m = num_m - 1 - pid_m
     off_b = off_bh // num_heads
