@@ -1,10 +1,15 @@
 """Host-side overhead of eager calls (decode B=1/4k keys, prefill N=1k): times and cProfile top lists,
 then host time per call beside SDPA and compiled FlexAttention on a tiny shape (the GPU waits on
-the host there, so the loop's wall time is the host's)."""
+the host there, so the loop's wall time is the host's), then host time per training step.
+
+    python scripts/profile_overhead.py [main forward_overhead host_vs_peers train_step_host]
+"""
 
 import cProfile
 import pstats
+import sys
 import time
+import traceback
 
 import torch
 
@@ -84,7 +89,51 @@ def host_vs_peers(reps=300):
         print(f"{name}: host {host * 1e6:.1f} us per call")
 
 
+def train_step_host(reps=10):
+    """Host us per eager forward and forward+backward call at N=1k (B=16, H=16, D=128) while the
+    GPU is kept busy (so the loop's wall time is the host's), the GPU-queue time of the same
+    calls, and whether a call synchronizes with the GPU (torch's sync debug mode)."""
+    for causal in (False, True):
+        q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                tileattn.attention(q, k, v, causal=causal)
+
+        def step():
+            tileattn.attention(q, k, v, causal=causal).backward(dout)
+
+        for _ in range(3):
+            fwd()
+            step()
+        for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                fn()
+                sync = "no sync"
+            except RuntimeError:
+                sync = "SYNC: " + traceback.format_exc(limit=-3)[-600:]
+            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work queued ahead of the calls
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            host = (time.perf_counter() - start) / reps
+            torch.cuda.synchronize()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            print(f"causal={int(causal)} {name}: host {host * 1e6:.0f} us per call, "
+                  f"GPU queue {begin.elapsed_time(end) * 1e3 / reps:.0f} us per call, {sync}", flush=True)
+
+
 if __name__ == "__main__":
-    main()
-    forward_overhead()
-    host_vs_peers()
+    for name in sys.argv[1:] or ["main", "forward_overhead", "host_vs_peers", "train_step_host"]:
+        globals()[name]()
