@@ -249,8 +249,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
 
     Program order: ``_block_and_head`` (head_group heads at a time, key block 0 first; programs
     running together share their heads' q/dout in L2). Query head h = kv_head * group + g for
-    g < group (GQA). Every key row < seqlen_k is
-    stored, zeros when no row keeps it. tune_sq / tune_sk: autotune key only.
+    g < group (GQA). Every key row < seqlen_k is stored, zeros when no row keeps it.
+    tune_sq / tune_sk: autotune key only.
     """
     pid_n, off_bh = _block_and_head(tl.program_id(0), tl.cdiv(max_seqlen_k, BLOCK_N), head_group)
     off_b = off_bh // num_kv_heads
@@ -398,9 +398,9 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Delta, SinkDelta, DQ, DMask, Slopes,
     """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,): dq of BLOCK_M rows of one query head.
 
     Program order: ``_block_and_head`` (head_group heads at a time, sharing K/V in L2); with
-    HAS_RIGHT the row blocks are reversed so the longest rows start first. DMask (MASK_GRAD, dense only):
-    contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher; this kernel writes the tiles
-    it visits. SINKS: SinkDelta (laid out like Delta) gets sum_j P dP from fp32 p and dp, so
+    HAS_RIGHT the row blocks are reversed so the longest rows start first. DMask (MASK_GRAD,
+    dense only): contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher; this kernel
+    writes the tiles it visits. SINKS: SinkDelta (laid out like Delta) gets sum_j P dP from fp32 p and dp, so
     dsinks does not inherit out's rounding: with few keys that rounding alone exceeds the fp16
     tolerance. Delta (laid out like Lse) gets rowsum(Out * DOut) of the program's rows; re-running
     the kernel (autotuning) writes the same values.
