@@ -89,14 +89,50 @@ def host_vs_peers(reps=300):
         print(f"{name}: host {host * 1e6:.1f} us per call")
 
 
+def _host_and_queue(fn, reps):
+    """(host us per call with the GPU kept busy, GPU-queue us per call, sync note) of ``fn``."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        sync = "no sync"
+    except RuntimeError:
+        sync = "SYNC: " + traceback.format_exc(limit=-3)[-600:]
+    torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work queued ahead of the calls
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - start) / reps
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return host * 1e6, begin.elapsed_time(end) * 1e3 / reps, sync
+
+
 def train_step_host(reps=10):
-    """Host us per eager forward and forward+backward call at N=1k (B=16, H=16, D=128) while the
-    GPU is kept busy (so the loop's wall time is the host's), the GPU-queue time of the same
-    calls, and whether a call synchronizes with the GPU (torch's sync debug mode)."""
+    """Host us per eager call at N=1k (B=16, H=16, D=128) while the GPU is kept busy (so the loop's
+    wall time is the host's), the GPU-queue time of the same calls, and whether a call
+    synchronizes with the GPU (torch's sync debug mode). Pieces: forward without and with grad,
+    the Triton backward launcher alone, the whole forward+backward; then a cProfile of the
+    causal step."""
+    import importlib
+
+    from tileattn.backends.triton.forward import forward
+
+    bwd = importlib.import_module("tileattn.backends.triton.backward")
     for causal in (False, True):
         q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_(True)
+        kw = dict(scale=128 ** -0.5, window=(-1, 0) if causal else (-1, -1), softcap=0.0, alibi_slopes=None,
+                  sinks=None, attn_mask=None, dropout_p=0.0, seed=0)
+        out, lse = forward(q.detach(), k.detach(), v.detach(), **kw)
 
         def fwd():
             with torch.no_grad():
@@ -105,33 +141,24 @@ def train_step_host(reps=10):
         def step():
             tileattn.attention(q, k, v, causal=causal).backward(dout)
 
+        pieces = {"fwd no grad": fwd,
+                  "fwd with grad": lambda: tileattn.attention(q, k, v, causal=causal),
+                  "bwd launcher": lambda: bwd.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, **kw),
+                  "fwd+bwd": step}
         for _ in range(3):
-            fwd()
-            step()
-        for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
+            for fn in pieces.values():
                 fn()
-                sync = "no sync"
-            except RuntimeError:
-                sync = "SYNC: " + traceback.format_exc(limit=-3)[-600:]
-            torch.cuda.set_sync_debug_mode(0)
-            torch.cuda.synchronize()
-            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work queued ahead of the calls
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            host = (time.perf_counter() - start) / reps
-            torch.cuda.synchronize()
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            print(f"causal={int(causal)} {name}: host {host * 1e6:.0f} us per call, "
-                  f"GPU queue {begin.elapsed_time(end) * 1e3 / reps:.0f} us per call, {sync}", flush=True)
+        for name, fn in pieces.items():
+            host, queue, sync = _host_and_queue(fn, reps)
+            print(f"causal={int(causal)} {name}: host {host:.0f} us per call, GPU queue {queue:.0f} us per call, "
+                  f"{sync}", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":
