@@ -80,6 +80,20 @@ def test_paged_equals_contiguous(device, page, Sn):
     assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
 
 
+@pytest.mark.parametrize("page", [5, 16, 64])
+def test_paged_k_v_own_strides(device, page):
+    """K and V paged in separate pools with their own page and slot strides (V: other head dim,
+    padded rows), so each gets its own row offsets; pages inside a tile, whole pages per tile,
+    and one page per tile (fp32 tiles are 64 keys here)."""
+    B, Sn, Hq, Hkv, D, Dv, smax = 2, 3, 4, 2, 64, 32, 150
+    q, kc, vc, kn, vn, lens, _ = _case(B, Sn, Hq, Hkv, D, [70, smax - Sn], smax, torch.float32, device, Dv=Dv)
+    k_pool, table = to_paged(kc, page)
+    v_pool, _ = to_paged(torch.nn.functional.pad(vc, (0, 8)), page, table=table)
+    v_pool = v_pool[..., :Dv]
+    assert k_pool.stride()[:2] != v_pool.stride()[:2]
+    _check(q, k_pool, v_pool, kn, vn, lens, table, num_splits=2)
+
+
 @pytest.mark.parametrize("Sn", [1, 3])
 @pytest.mark.parametrize("new", [True, False])
 def test_lengths_and_empty_rows(device, Sn, new):
