@@ -8,7 +8,9 @@
 # the device call's carry). run: the command runs in the repo root ("main") and then in every
 # ab/* tree, ROUNDS times (default 2, alternating so clock or thermal drift shows up in both),
 # with PYTHONPATH set to that tree and TREE_OUT=$OUT/<tree>/<round> for its files; its output is
-# prefixed with the tree's name.
+# prefixed with the tree's name. Quote commands that use TREE_OUT, e.g.
+#   bash scripts/ab_trees.sh run bash -c 'python3 -m benchmarks.run --set prefill --modes bwd \
+#     --filter D=128 --providers tileattn --out $TREE_OUT/bwd.json'
 set -uo pipefail
 mode=${1:?usage: ab_trees.sh prepare REF... | run COMMAND...}
 shift
