@@ -159,6 +159,26 @@ def train_step_host(reps=10):
     prof.disable()
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    # the backward runs on autograd's device thread, which the profile above does not see
+    ops = importlib.import_module("tileattn.ops")
+    inner, bwd_prof = ops._backward, cProfile.Profile()
+
+    def profiled(*args):
+        bwd_prof.enable()
+        try:
+            return inner(*args)
+        finally:
+            bwd_prof.disable()
+
+    ops._backward = profiled
+    try:
+        for _ in range(20):
+            step()
+    finally:
+        ops._backward = inner
+    torch.cuda.synchronize()
+    print("backward (autograd thread), 20 steps:")
+    pstats.Stats(bwd_prof).sort_stats("cumtime").print_stats(25)
 
 
 if __name__ == "__main__":
