@@ -2,7 +2,7 @@
 then host time per call beside SDPA and compiled FlexAttention on a tiny shape (the GPU waits on
 the host there, so the loop's wall time is the host's), then host time per training step.
 
-    python scripts/profile_overhead.py [main forward_overhead host_vs_peers train_step_host]
+    python scripts/profile_overhead.py [main forward_overhead host_vs_peers train_step_host train_step_phases]
 """
 
 import cProfile
@@ -181,6 +181,75 @@ def train_step_host(reps=10):
     pstats.Stats(bwd_prof).sort_stats("cumtime").print_stats(25)
 
 
+def train_step_phases(reps=50):
+    """Where the host time of an eager step ``attention(q, k, v).backward(dout)`` goes (N=1k, B=16,
+    H=16, D=128, causal), with the GPU kept busy: median us from the call to the forward's
+    return, to the backward's start on autograd's device thread, to its end, to
+    ``backward()``'s return. Beside it: an identity autograd.Function's step (the engine's own
+    cost) and SDPA's and FlexAttention's steps."""
+    import statistics
+    import threading
+
+    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    ops = importlib.import_module("tileattn.ops")
+    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    stamps = {}
+    inner = ops._backward
+
+    def traced(*args):
+        stamps["bwd start"] = time.perf_counter()
+        stamps["bwd thread"] = threading.current_thread().name
+        out = inner(*args)
+        stamps["bwd end"] = time.perf_counter()
+        return out
+
+    def step():
+        t0 = time.perf_counter()
+        out = tileattn.attention(q, k, v, causal=True)
+        t1 = time.perf_counter()
+        out.backward(dout)
+        t2 = time.perf_counter()
+        return (t1 - t0, stamps["bwd start"] - t1, stamps["bwd end"] - stamps["bwd start"], t2 - stamps["bwd end"])
+
+    ops._backward = traced
+    try:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(500_000_000)
+        phases = [step() for _ in range(reps)]
+    finally:
+        ops._backward = inner
+    torch.cuda.synchronize()
+    names = ("forward", "engine to backward", "backward", "backward to return")
+    print(f"tileattn causal step phases (backward on thread {stamps['bwd thread']}): " + ", ".join(
+        f"{n} {statistics.median(p[i] for p in phases) * 1e6:.0f} us" for i, n in enumerate(names)), flush=True)
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    qt, kt, vt, dt = (t.transpose(1, 2) for t in (q, k, v, dout))
+    flex = torch.compile(flex_attention, dynamic=False)
+    others = {"identity autograd.Function": lambda: Identity.apply(q).backward(dout),
+              "sdpa causal": lambda: sdpa(qt, kt, vt, is_causal=True).backward(dt),
+              "flex (non-causal)": lambda: flex(qt, kt, vt).backward(dt)}
+    for name, fn in others.items():
+        for _ in range(5):
+            fn()
+        host, queue, _ = _host_and_queue(fn, reps)
+        print(f"{name} step: host {host:.0f} us, GPU queue {queue:.0f} us", flush=True)
+
+
 if __name__ == "__main__":
-    for name in sys.argv[1:] or ["main", "forward_overhead", "host_vs_peers", "train_step_host"]:
+    for name in sys.argv[1:] or ["main", "forward_overhead", "host_vs_peers", "train_step_host", "train_step_phases"]:
         globals()[name]()
