@@ -287,19 +287,32 @@ def test_noncontiguous_bitwise():
             assert torch.equal(g, r)
 
 
-def test_writes_every_element(monkeypatch):
-    """Outputs allocated NaN-poisoned: every dq/dk/dv element is written (windows skip tiles)."""
-    empty = torch.empty
+def test_row_blocks_fit_row_pad():
+    """The dK/dV kernel reads lse2/delta of whole row blocks unmasked: every BLOCK_M divides ROW_PAD."""
+    for table in (BW._DKDV, BW._DQ):
+        for configs in table.values():
+            assert all(BW.ROW_PAD % c.block_m == 0 for c in configs)
 
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+@pytest.mark.parametrize("forced", [None, ((64, 32), (16, 32))], ids=["default", "dkdv_m64_dq_m16"])
+def test_writes_every_element(monkeypatch, forced):
+    """Outputs and the padded lse2/delta buffers allocated NaN-poisoned: every dq/dk/dv element
+    is written (windows skip tiles), and so is every padded row stat the dK/dV kernel reads
+    (with dQ row blocks of 16, rows 80..127 come from the last program's padding loop)."""
+    if forced is not None:
+        _force_configs(monkeypatch, BW.Cfg(*forced[0], 4, 1, ""), BW.Cfg(*forced[1], 4, 1, ""))
+    def poisoned(empty):
+        def make(*args, **kwargs):
+            t = empty(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return make
 
     B, Sq, Sk, Hq, Hkv, D = 1, 70, 50, 2, 1, 32
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, device=DEVICE)
     kw = _features(dict(window=(3, 0)), B, Sq, Sk, Hq, D, q.dtype, DEVICE)
     out, lse = reference.forward(q, k, v, **kw)
-    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
     got = backward(torch.randn_like(out), q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
     assert all(g.isfinite().all() for g in got[:3])
 

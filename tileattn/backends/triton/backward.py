@@ -1,10 +1,11 @@
 """Triton flash-attention backward: the contract's ``backward`` (dense and varlen), launcher only.
 
-Kernels live in ``backward_kernels.py`` (dQ over query blocks, which also writes
-delta = rowsum(out * dout), then dK/dV over key blocks). Inputs follow ``tileattn.backends``:
-q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv), dout/out (B, Sq, Hq, Dv), lse fp32
-(B, Hq, Sq) [varlen: (Tq, Hq, D), (Tk, Hkv, D[v]), lse (Hq, Tq)], any strides. Returns dq, dk,
-dv contiguous in their inputs' dtypes, dsinks fp32 (Hq,) or None, dmask fp32 (B, Hq, Sq, Sk) or None.
+Kernels live in ``backward_kernels.py`` (dQ over query blocks, which also writes lse * log2(e)
+and delta = rowsum(out * dout) to padded buffers, then dK/dV over key blocks). Inputs follow
+``tileattn.backends``: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv), dout/out
+(B, Sq, Hq, Dv), lse fp32 (B, Hq, Sq) [varlen: (Tq, Hq, D), (Tk, Hkv, D[v]), lse (Hq, Tq)], any
+strides. Returns dq, dk, dv contiguous in their inputs' dtypes, dsinks fp32 (Hq,) or None,
+dmask fp32 (B, Hq, Sq, Sk) or None.
 
 Determinism: there are no atomics anywhere and every gradient element is produced by one
 program in a fixed order, so gradients are bitwise reproducible for any ``deterministic``
@@ -33,6 +34,9 @@ from tileattn.backends.triton.forward import _ensure_tma_allocator
 from tileattn.plan import autotuner, bucket, cdiv, device_target, first_misaligned, head_block
 
 LOG2E = 1.4426950408889634
+# rows of one (batch, head) in the padded lse2 / delta buffers come in multiples of this; every
+# config's BLOCK_M divides it (see backward_kernels [Note] padded row stats)
+ROW_PAD = 128
 
 Cfg = namedtuple("Cfg", "block_m block_n num_warps num_stages why")
 # (target, "16" | "32" bit dtype, head-dim block) -> configs, default first. Registers and spills
@@ -176,7 +180,6 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    delta = torch.empty_like(lse)
     hq, hkv = q.shape[-2], k.shape[-2]
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -207,7 +210,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
                  DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     features = tuple(sorted(flags.items())) + (("MASK_GRAD", mask_grad), ("SINKS", sinks is not None))
     common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
-    tail = (stride_lb, stride_lh, *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
+    tail = (*(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
             *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)))
     scalars = (scale, scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E, left, right,
                float(dropout_p), int(seed) if dropout_p > 0 else 0, bucket(max_seqlen_q), bucket(max_seqlen_k))
@@ -215,20 +218,24 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     work = bucket(max_seqlen_q) * bucket(max_seqlen_k)
     if use_tma and q.is_cuda:
         _ensure_tma_allocator()
-    sink_delta = torch.empty_like(delta) if sinks is not None else delta  # unused without sinks
-    # dQ first: it writes delta = rowsum(out * dout), which the dK/dV kernel reads
+    row_pad = cdiv(max_seqlen_q, ROW_PAD) * ROW_PAD
+    lse2_pad = torch.empty((batch * hq, row_pad), dtype=torch.float32, device=q.device)
+    delta_pad = torch.empty_like(lse2_pad)
+    sink_delta = torch.empty_like(lse) if sinks is not None else lse  # not written without sinks
+    # dQ first: it writes lse2 and delta = rowsum(out * dout), which the dK/dV kernel reads
     kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv, work), features)
     kernel[lambda m: (cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
-        q, k, v, dout, out, lse, delta, sink_delta, dq, dmask, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
-        *common, *_strides(out, varlen), *_strides(dq, varlen), *tail,
+        q, k, v, dout, out, lse, lse2_pad, delta_pad, sink_delta, dq, dmask, alibi_slopes, attn_mask,
+        cu_seqlens_q, cu_seqlens_k, *common, *_strides(out, varlen), *_strides(dq, varlen),
+        stride_lb, stride_lh, row_pad, *tail,
         hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q,
         _head_group(right >= 0, max_seqlen_k, (head_d + head_dv) * k.element_size(), batch * hq),
         *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None,
         **flags, **meta)
     kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv, work), features)
     kernel[lambda m: (cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
-        q, k, v, dout, lse, delta, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
-        *common, *_strides(dk, varlen), *_strides(dv, varlen), *tail,
+        q, k, v, dout, lse2_pad, delta_pad, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
+        *common, *_strides(dk, varlen), *_strides(dv, varlen), row_pad, *tail,
         hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k,
         _head_group(right >= 0, max_seqlen_q * (hq // hkv), (head_d + head_dv) * q.element_size(), batch * hkv),
         *scalars, **flags, **meta)

@@ -3,11 +3,11 @@
 Two kernels, launched in order by ``backward.py``:
 
 1. ``_bwd_dq_kernel``: one program per (batch or sequence, query head, BLOCK_M rows); computes
-   its rows' ``delta_i = rowsum(out_i * dout_i)`` (fp32, laid out like lse) and stores it for the
-   dK/dV kernel, loops over key blocks, writes dq, with ``MASK_GRAD`` the dmask tiles (fp32),
-   and with sinks its rows' sum of fp32 P * dP to a separate buffer for dsinks. Computing delta
-   here saves a launch that re-read out and dout (37 us, 3% of the bf16 backward at N=1k, B=16,
-   H=16, D=128 on the H200).
+   its rows' ``delta_i = rowsum(out_i * dout_i)`` and stores it with lse2 for the dK/dV kernel
+   ([Note] padded row stats), loops over key blocks, writes dq, with ``MASK_GRAD`` the dmask
+   tiles (fp32), and with sinks its rows' sum of fp32 P * dP to a separate buffer for dsinks.
+   Computing delta here saves a launch that re-read out and dout (37 us, 3% of the bf16
+   backward at N=1k, B=16, H=16, D=128 on the H200).
 2. ``_bwd_dkdv_kernel``: one program per (batch or sequence, kv head, BLOCK_N keys); it loops
    over the G = Hq / Hkv query heads of its group and their query blocks, so dK/dV of a kv head
    is the sum over its query heads without repeating k/v in memory and without atomics.
@@ -43,8 +43,16 @@ Sub notation (on top of ``common.py``'s ``i, j, diag, qk, t``)::
 [Note] empty rows in the backward
     A row that kept no key (and has no sink) has lse = -inf. Its lse2 is replaced by +inf, so
     every p = exp2(t - inf) = 0 (also for t = -inf) and all its gradients are exactly 0. Rows
-    past the sequence end load lse = +inf for the same effect, so the dK/dV kernel needs no
+    past the sequence end get lse2 = +inf for the same effect, so the dK/dV kernel needs no
     row test on its fully kept tiles. With sinks, lse >= the sink logit is always finite.
+
+[Note] padded row stats
+    The dK/dV inner loop needs lse2 and delta of every row block it visits. Loading them from
+    lse with a row mask and fixing up empty rows there cost a third of the loop's instructions
+    (offline sm_90 SASS at 32x128 tiles: 413 per step for 20 HGMMA, dQ 282). So the dQ kernel,
+    which runs first, stores lse2 and delta of each (batch, query head) to rows of ``row_pad``
+    (a multiple of ROW_PAD >= every BLOCK_M) fp32 entries: +inf / 0 past the sequence's end, so
+    every row block dK/dV can visit reads them without masks (278 instructions per step).
 """
 
 import triton
@@ -122,6 +130,20 @@ def _load_lse2(lse_base, offs, seqlen):
 
 
 @triton.jit
+def _store_row_stats(lse2_row, delta_row, lse2, delta, m0, pid_m, num_m, row_pad, BLOCK_M: tl.constexpr):
+    """Store a row block's lse2 and delta at rows [m0, m0+BLOCK_M) of one (batch, head)'s padded
+    row; the last row block also fills rows [num_m * BLOCK_M, row_pad) with +inf / 0
+    ([Note] padded row stats)."""
+    offs = tl.arange(0, BLOCK_M)
+    tl.store(lse2_row + m0 + offs, lse2)
+    tl.store(delta_row + m0 + offs, delta)
+    if pid_m == num_m - 1:
+        for r in range(num_m * BLOCK_M, row_pad, BLOCK_M):
+            tl.store(lse2_row + r + offs, tl.full([BLOCK_M], float("inf"), tl.float32))
+            tl.store(delta_row + r + offs, tl.zeros([BLOCK_M], tl.float32))
+
+
+@triton.jit
 def score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2, mask_tile,
                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
     """(t, dcap): ``common.score_log2``'s base-2 score and d(capped s)/d(s) = 1 - tanh^2 (1.0 without softcap).
@@ -179,7 +201,7 @@ def query_ranges(n0, seqlen_q, seqlen_k, window_left, window_right,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, mask_base, lo, hi,
                 n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
                 qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
                 dropout_p, seed, off_h, off_b,
@@ -191,7 +213,8 @@ def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, lo
     """Accumulate query blocks [lo, hi) of one query head into dk (BLOCK_N, BLOCK_D), dv (BLOCK_N, BLOCK_DV).
 
     Tiles are transposed (keys x rows). EDGE: the window cuts these tiles (``keep_tile``).
-    q_src / do_src: tensor descriptors (USE_TMA) or the head's row-0 pointers.
+    q_src / do_src: tensor descriptors (USE_TMA) or the head's row-0 pointers; lse2_row /
+    delta_row: the head's padded row stats ([Note] padded row stats), read without masks.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
     for m0 in range(lo, hi, BLOCK_M):
@@ -199,8 +222,8 @@ def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, lo
         offs_m = m0 + offs_m0
         q, do = _load_tiles(q_src, do_src, m0, seqlen_q, stride_qm, stride_dom, HEAD_D, HEAD_DV,
                             BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
-        lse2 = _load_lse2(lse_base, offs_m, seqlen_q)
-        delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        lse2 = tl.load(lse2_row + offs_m)
+        delta = tl.load(delta_row + offs_m)
 
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         if MASK_KIND != 0:
@@ -232,11 +255,11 @@ def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, lo
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
+def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                     stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
+                     row_pad, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
                      num_kv_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_k, head_group,
                      scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
                      tune_sq, tune_sk,
@@ -250,6 +273,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
     Program order: ``_block_and_head`` (head_group heads at a time, key block 0 first; programs
     running together share their heads' q/dout in L2). Query head h = kv_head * group + g for
     g < group (GQA). Every key row < seqlen_k is stored, zeros when no row keeps it.
+    Lse2Pad / DeltaPad: (B * Hq, row_pad) fp32 from the dQ kernel ([Note] padded row stats).
     tune_sq / tune_sk: autotune key only.
     """
     pid_n, off_bh = _block_and_head(tl.program_id(0), tl.cdiv(max_seqlen_k, BLOCK_N), head_group)
@@ -288,8 +312,9 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
             do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
             q_src, do_src = _tile_sources(q_base, do_base, seqlen_q, stride_qm, stride_dom,
                                           HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
-            lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q0
-            delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q0
+            stats = (b64 * num_kv_heads * group + h64) * row_pad
+            lse2_row = Lse2Pad + stats
+            delta_row = DeltaPad + stats
             if MASK_KIND != 0:
                 mask_base = Mask + b64 * stride_mb + h64 * stride_mh
             else:
@@ -300,21 +325,21 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Slopes, Mask, CuSeqlensQ
                 alibi_log2 = 0.0
             if HAS_RIGHT:  # rows above the diagonal / window's right side: masked tiles
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, lo, full_lo,
+                    dk, dv, k, v, q_src, do_src, lse2_row, delta_row, mask_base, lo, full_lo,
                     n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
                     qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
                     off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
                     MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PREC)
             # middle: every row keeps every key of this block (no keep arithmetic)
             dk, dv = _dkdv_tiles(
-                dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, full_lo, full_hi,
+                dk, dv, k, v, q_src, do_src, lse2_row, delta_row, mask_base, full_lo, full_hi,
                 n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
                 qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
                 off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI,
                 MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PREC)
             if HAS_LEFT:  # rows below the window's left side: masked tiles
                 dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_src, do_src, lse_base, delta_base, mask_base, full_hi, hi,
+                    dk, dv, k, v, q_src, do_src, lse2_row, delta_row, mask_base, full_hi, hi,
                     n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
                     qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
                     off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
@@ -382,11 +407,12 @@ def _dq_tiles(dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, 
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Delta, SinkDelta, DQ, DMask, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
+def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DMask, Slopes, Mask,
+                   CuSeqlensQ, CuSeqlensK,
                    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                    stride_ob, stride_om, stride_oh, stride_dqb, stride_dqm, stride_dqh,
-                   stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
+                   stride_lb, stride_lh, row_pad, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
                    num_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_q, head_group,
                    scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
                    tune_sq, tune_sk,
@@ -400,10 +426,11 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Delta, SinkDelta, DQ, DMask, Slopes,
     Program order: ``_block_and_head`` (head_group heads at a time, sharing K/V in L2); with
     HAS_RIGHT the row blocks are reversed so the longest rows start first. DMask (MASK_GRAD,
     dense only): contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher; this kernel
-    writes the tiles it visits. SINKS: SinkDelta (laid out like Delta) gets sum_j P dP from fp32 p and dp, so
-    dsinks does not inherit out's rounding: with few keys that rounding alone exceeds the fp16
-    tolerance. Delta (laid out like Lse) gets rowsum(Out * DOut) of the program's rows; re-running
-    the kernel (autotuning) writes the same values.
+    writes the tiles it visits. SINKS: SinkDelta (laid out like Lse) gets sum_j P dP from fp32 p and dp,
+    so dsinks does not inherit out's rounding: with few keys that rounding alone exceeds the fp16
+    tolerance. Lse2Pad / DeltaPad (B * Hq, row_pad) get lse * log2(e) and rowsum(Out * DOut) of
+    the program's rows, padded ([Note] padded row stats); re-running the kernel (autotuning)
+    writes the same values.
     """
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
     pid_m, off_bh = _block_and_head(tl.program_id(0), num_m, head_group)
@@ -421,9 +448,13 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Delta, SinkDelta, DQ, DMask, Slopes,
         k_start = tl.load(CuSeqlensK + off_b)
         seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
     m0 = pid_m * BLOCK_M
-    if m0 < seqlen_q:
-        b64 = off_b.to(tl.int64)
-        h64 = off_h.to(tl.int64)
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    stats = (b64 * num_heads + h64) * row_pad
+    if m0 >= seqlen_q:  # a short varlen sequence: only its padded row stats
+        _store_row_stats(Lse2Pad + stats, DeltaPad + stats, tl.full([BLOCK_M], float("inf"), tl.float32),
+                         tl.zeros([BLOCK_M], tl.float32), m0, pid_m, num_m, row_pad, BLOCK_M)
+    else:
         hk64 = (off_h // group).to(tl.int64)
         q0 = tl.full([], q_start, tl.int64)
         k0 = tl.full([], k_start, tl.int64)
@@ -433,10 +464,10 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Delta, SinkDelta, DQ, DMask, Slopes,
                        HEAD_DV, BLOCK_M, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
         o = load_rows(Out + b64 * stride_ob + h64 * stride_oh + q0 * stride_om, m0, seqlen_q, stride_om,
                       HEAD_DV, BLOCK_M, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # 0 past seqlen_q (masked loads)
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        tl.store(Delta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, delta, mask=offs_m < seqlen_q)
         lse2 = _load_lse2(Lse + b64 * stride_lb + h64 * stride_lh + q0, offs_m, seqlen_q)
+        _store_row_stats(Lse2Pad + stats, DeltaPad + stats, lse2, delta, m0, pid_m, num_m, row_pad, BLOCK_M)
         k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
         v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
         k_src, v_src = _tile_sources(k_base, v_base, seqlen_k, stride_kn, stride_vn,
