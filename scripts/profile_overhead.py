@@ -6,6 +6,7 @@ the host there, so the loop's wall time is the host's), then host time per train
 """
 
 import cProfile
+import importlib
 import pstats
 import sys
 import time
@@ -121,7 +122,6 @@ def train_step_host(reps=10):
     synchronizes with the GPU (torch's sync debug mode). Pieces: forward without and with grad,
     the Triton backward launcher alone, the whole forward+backward; then a cProfile of the
     causal step."""
-    import importlib
 
     from tileattn.backends.triton.forward import forward
 
