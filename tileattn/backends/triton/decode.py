@@ -60,23 +60,42 @@ def _tanh(x):
 
 
 @triton.jit
-def _page_ids(BT_ROW, start_n, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """int64 page ids of the tile of keys start_n .. start_n + BLOCK_N (keys >= end masked).
+def _slot_rows(stride_s, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int64 (BLOCK_N,) offsets of a tile's keys within their pages, as far as they are the same
+    for every tile (tiles start at multiples of BLOCK_N): slot * stride_s when pages divide the
+    tile, (key - tile start) * stride_s when the tile lies in one page, else 0 (per key, in
+    :func:`_page_rows`). Computed once, before the loop."""
+    offs = tl.arange(0, BLOCK_N).to(tl.int64)
+    if BLOCK_N % PAGE_SIZE == 0:
+        return (offs % PAGE_SIZE) * stride_s
+    elif PAGE_SIZE % BLOCK_N == 0:
+        return offs * stride_s
+    else:
+        return offs * 0
+
+
+@triton.jit
+def _page_rows(BT_ROW, start_n, end, slot_rows, stride_p, stride_s, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int64 (BLOCK_N,) element offsets of the keys start_n .. start_n + BLOCK_N in a paged cache
+    (page * stride_p + slot * stride_s; keys >= end get page 0), with ``slot_rows`` from
+    :func:`_slot_rows`.
 
     BT_ROW points at the sequence's block-table row; key j sits in page BT_ROW[j // PAGE_SIZE]
-    at slot j % PAGE_SIZE. Tiles start at multiples of BLOCK_N, see [Note] page ids: a scalar
-    when the tile lies in one page, else a (BLOCK_N,) vector.
+    at slot j % PAGE_SIZE. See [Note] page ids: one scalar id when the tile lies in one page,
+    one id per page when pages divide the tile (scaled before the broadcast), else one per key.
     """
     if PAGE_SIZE % BLOCK_N == 0:
-        return tl.load(BT_ROW + start_n // PAGE_SIZE, mask=start_n < end, other=0).to(tl.int64)
+        page = tl.load(BT_ROW + start_n // PAGE_SIZE, mask=start_n < end, other=0).to(tl.int64)
+        return (page * stride_p + tl.cast(start_n % PAGE_SIZE, tl.int64) * stride_s) + slot_rows
     elif BLOCK_N % PAGE_SIZE == 0:
         PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
         offs_p = start_n // PAGE_SIZE + tl.arange(0, PAGES)
-        ids = tl.load(BT_ROW + offs_p, mask=offs_p * PAGE_SIZE < end, other=0).to(tl.int64)
-        return tl.reshape(tl.broadcast_to(ids[:, None], (PAGES, PAGE_SIZE)), (BLOCK_N,))
+        page = tl.load(BT_ROW + offs_p, mask=offs_p * PAGE_SIZE < end, other=0).to(tl.int64) * stride_p
+        return tl.reshape(tl.broadcast_to(page[:, None], (PAGES, PAGE_SIZE)), (BLOCK_N,)) + slot_rows
     else:
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        return tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=offs_n < end, other=0).to(tl.int64)
+        page = tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=offs_n < end, other=0).to(tl.int64)
+        return page * stride_p + (offs_n % PAGE_SIZE).to(tl.int64) * stride_s
 
 
 @triton.jit
@@ -91,7 +110,7 @@ def _decode_kernel(
     Hkv, Sn, n_new, scale, softcap, window_left, window_right,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, KV_SAME_ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -99,6 +118,7 @@ def _decode_kernel(
 
     SPLIT: write the normalized partial out (fp32) and its natural-log lse (no sink) to the
     workspace at split index pid_s; otherwise write the final out (OUT's dtype) and lse.
+    KV_SAME_ROWS: K and V share page/slot (or batch/seq) strides, so V reuses K's row offsets.
     """
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -142,6 +162,8 @@ def _decode_kernel(
         v_base += b * stride_vb
     else:  # see [Note] page ids
         bt_base = BLOCK_TABLE + b * stride_btb
+        k_slots = _slot_rows(stride_ks, PAGE_SIZE, BLOCK_N)
+        v_slots = _slot_rows(stride_vs, PAGE_SIZE, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -151,12 +173,14 @@ def _decode_kernel(
         kv_ok = offs_n < end
         if PAGE_SIZE == 0:
             k_rows = offs_n.to(tl.int64) * stride_ks
+        else:
+            k_rows = _page_rows(bt_base, start_n, end, k_slots, stride_kb, stride_ks, PAGE_SIZE, BLOCK_N)
+        if KV_SAME_ROWS:
+            v_rows = k_rows
+        elif PAGE_SIZE == 0:
             v_rows = offs_n.to(tl.int64) * stride_vs
         else:
-            page = _page_ids(bt_base, start_n, end, PAGE_SIZE, BLOCK_N)
-            slot = (offs_n % PAGE_SIZE).to(tl.int64)
-            k_rows = page * stride_kb + slot * stride_ks
-            v_rows = page * stride_vb + slot * stride_vs
+            v_rows = _page_rows(bt_base, start_n, end, v_slots, stride_vb, stride_vs, PAGE_SIZE, BLOCK_N)
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :],
                     mask=_rows_mask(kv_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],
@@ -243,6 +267,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, n_new, *, 
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_D=next_pow2(D), BLOCK_DV=next_pow2(Dv),
         PAGE_SIZE=k_cache.shape[1] if paged else 0, NUM_SPLITS=splits, SPLIT=splits > 1,
+        KV_SAME_ROWS=k_cache.stride()[:2] == v_cache.stride()[:2],
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
