@@ -82,7 +82,7 @@ def _page_rows(BT_ROW, start_n, end, slot_rows, stride_p, stride_s, PAGE_SIZE: t
 
     BT_ROW points at the sequence's block-table row; key j sits in page BT_ROW[j // PAGE_SIZE]
     at slot j % PAGE_SIZE. See [Note] page ids: one scalar id when the tile lies in one page,
-    one id per page when pages divide the tile (scaled before the broadcast), else one per key.
+    one id per page when pages divide the tile, else one per key.
     """
     if PAGE_SIZE % BLOCK_N == 0:
         page = tl.load(BT_ROW + start_n // PAGE_SIZE, mask=start_n < end, other=0).to(tl.int64)
@@ -90,8 +90,11 @@ def _page_rows(BT_ROW, start_n, end, slot_rows, stride_p, stride_s, PAGE_SIZE: t
     elif BLOCK_N % PAGE_SIZE == 0:
         PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
         offs_p = start_n // PAGE_SIZE + tl.arange(0, PAGES)
-        page = tl.load(BT_ROW + offs_p, mask=offs_p * PAGE_SIZE < end, other=0).to(tl.int64) * stride_p
-        return tl.reshape(tl.broadcast_to(page[:, None], (PAGES, PAGE_SIZE)), (BLOCK_N,)) + slot_rows
+        ids = tl.load(BT_ROW + offs_p, mask=offs_p * PAGE_SIZE < end, other=0).to(tl.int64)
+        # scale after the reshape: its result's divisibility is unknown to the compiler, and
+        # page * stride_p must stay a known multiple of 16 bytes for vector loads
+        page = tl.reshape(tl.broadcast_to(ids[:, None], (PAGES, PAGE_SIZE)), (BLOCK_N,))
+        return page * stride_p + slot_rows
     else:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         page = tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=offs_n < end, other=0).to(tl.int64)
