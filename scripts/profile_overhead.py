@@ -250,6 +250,47 @@ def train_step_phases(reps=50):
         print(f"{name} step: host {host:.0f} us, GPU queue {queue:.0f} us", flush=True)
 
 
+def backward_threads(reps=50):
+    """Host us of the eager backward (``ops.bwd_impl``, causal N=1k, B=16, H=16, D=128, GPU kept busy)
+    on the main thread, on a Python thread, and inside autograd (phases of ``autograd.grad``)."""
+    import statistics
+    import threading
+
+    ops = importlib.import_module("tileattn.ops")
+    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    args = (q, k, v, None, None, 1024, 1024, 128 ** -0.5, -1, 0, 0.0, None, None, None, 0.0, None, False, False,
+            "triton")
+    out, lse = ops.fwd_impl(*args)
+
+    def median_us(fn):
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(300_000_000)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return statistics.median(times) * 1e6
+
+    call = lambda: ops.bwd_impl(dout, q, k, v, out, lse, *args[3:])  # noqa: E731
+    print(f"bwd_impl main thread: {median_us(call):.0f} us", flush=True)
+    got = []
+    worker = threading.Thread(target=lambda: got.append(median_us(call)))
+    worker.start()
+    worker.join()
+    print(f"bwd_impl Python thread: {got[0]:.0f} us", flush=True)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    fwd = lambda: tileattn.attention(q, k, v, causal=True)  # noqa: E731
+    print(f"forward with grad: {median_us(fwd):.0f} us", flush=True)
+    grad = lambda: torch.autograd.grad(fwd(), (q, k, v), dout)  # noqa: E731
+    print(f"forward + autograd.grad: {median_us(grad):.0f} us", flush=True)
+    with torch.autograd.set_multithreading_enabled(False):
+        print(f"forward + autograd.grad, engine multithreading off: {median_us(grad):.0f} us", flush=True)
+
+
 if __name__ == "__main__":
     for name in sys.argv[1:] or ["main", "forward_overhead", "host_vs_peers", "train_step_host", "train_step_phases"]:
         globals()[name]()
