@@ -1,7 +1,7 @@
 """Markdown report of results files: ``python -m benchmarks.report results.json [more.json ...]``.
 
 One table per (set, device, dtype, mode). Dense cells are TFLOP/s (GFLOP/s on CPU); decode
-cells are microseconds per call and GB/s (do_bench; ``graph`` = CUDA-graph replay); forward
+cells are microseconds per call and GB/s (do_bench; ``graph`` = CUDA-graph replay); dense
 tables on CUDA come twice, do_bench and CUDA-graph replay (no host launch gaps); memory
 rows give the peak MiB beyond the inputs. ``ours/X`` columns are tileattn's throughput over
 peer X's on the same inputs (> 1: tileattn is faster); paged decode rows are compared with
@@ -151,7 +151,7 @@ def render(docs) -> str:
             body = {"dense": lambda: _dense(g, device == "cpu"), "decode": lambda: _decode(g),
                     "memory": lambda: _memory(g)}[kind]()
             parts.append(title + "\n\n" + body)
-            if kind == "dense" and any("tflops_graph" in r for r in g):  # fwd: also CUDA-graph replay
+            if kind == "dense" and any("tflops_graph" in r for r in g):  # also CUDA-graph replay
                 graph = [dict(r, tflops=r["tflops_graph"]) if "tflops_graph" in r else dict(r, status="skipped")
                          for r in g]
                 parts.append(title.replace(f" ({unit})", f", CUDA graph ({unit})") + "\n\n" + _dense(graph, False))
