@@ -176,7 +176,9 @@ class Runner:
         if case.kind == "dense":
             row["flops"] = registry.flops(case, mode)
             row["tflops"] = row["flops"] / ms / 1e9
-            if case.device == "cuda":  # GPU time without host launch gaps (autograd included)
+            # GPU time without host launch gaps; not bwd: its graph was built outside the capture,
+            # so its backward kernels go to the forward's stream and the capture fails
+            if case.device == "cuda" and mode != "bwd":
                 try:
                     row["tflops_graph"] = row["flops"] / timing.gpu_graph_ms(fn, 5 if quick else 20) / 1e9
                 except Exception as e:
