@@ -294,27 +294,52 @@ def test_row_blocks_fit_row_pad():
             assert all(BW.ROW_PAD % c.block_m == 0 for c in configs)
 
 
-@pytest.mark.parametrize("forced", [None, ((64, 32), (16, 32))], ids=["default", "dkdv_m64_dq_m16"])
-def test_writes_every_element(monkeypatch, forced):
-    """Outputs and the padded lse2/delta buffers allocated NaN-poisoned: every dq/dk/dv element
-    is written (windows skip tiles), and so is every padded row stat the dK/dV kernel reads
-    (with dQ row blocks of 16, rows 80..127 come from the last program's padding loop)."""
-    if forced is not None:
-        _force_configs(monkeypatch, BW.Cfg(*forced[0], 4, 1, ""), BW.Cfg(*forced[1], 4, 1, ""))
+def _poison_allocations(monkeypatch):
+    """torch.empty / torch.empty_like return NaN-filled floating tensors from here on."""
     def poisoned(empty):
         def make(*args, **kwargs):
             t = empty(*args, **kwargs)
             return t.fill_(float("nan")) if t.is_floating_point() else t
         return make
 
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+
+
+@pytest.mark.parametrize("forced", [None, ((64, 32), (16, 32))], ids=["default", "dkdv_m64_dq_m16"])
+def test_writes_every_element(monkeypatch, forced):
+    """Outputs and the padded lse2/delta buffers allocated NaN-poisoned: every dq/dk/dv element
+    is written (windows skip tiles), and so is every padded row stat the dK/dV kernel reads
+    (with dQ row blocks of 16, rows 80..127 come from the last row block's padding loop)."""
+    if forced is not None:
+        _force_configs(monkeypatch, BW.Cfg(*forced[0], 4, 1, ""), BW.Cfg(*forced[1], 4, 1, ""))
     B, Sq, Sk, Hq, Hkv, D = 1, 70, 50, 2, 1, 32
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, device=DEVICE)
     kw = _features(dict(window=(3, 0)), B, Sq, Sk, Hq, D, q.dtype, DEVICE)
     out, lse = reference.forward(q, k, v, **kw)
-    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
-    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    _poison_allocations(monkeypatch)
     got = backward(torch.randn_like(out), q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
     assert all(g.isfinite().all() for g in got[:3])
+
+
+def test_varlen_row_stats_padding(monkeypatch):
+    """Varlen padded row stats (sequence b's rows after cu_seqlens_q[b] + b * ROW_PAD): with
+    NaN-poisoned buffers and dK/dV row blocks of 64 over dQ blocks of 16, every row dK/dV reads
+    is written, for ragged, empty and multi-block sequences; gradients match the oracle."""
+    _force_configs(monkeypatch, BW.Cfg(64, 32, 4, 1, ""), BW.Cfg(16, 32, 4, 1, ""))
+    lens_q, lens_k = [70, 0, 45, 130], [50, 9, 45, 140]
+    cq, ck = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
+    Hq, Hkv, D = 2, 1, 32
+    q = torch.randn(sum(lens_q), Hq, D, device=DEVICE)
+    k, v = (torch.randn(sum(lens_k), Hkv, D, device=DEVICE) for _ in range(2))
+    kw = _features(dict(window=(3, 0)), len(lens_q), 1, 1, Hq, D, q.dtype, DEVICE)
+    varlen = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+    out, lse = reference.forward(q, k, v, **kw, **varlen)
+    dout = torch.randn_like(out)
+    _poison_allocations(monkeypatch)
+    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw, **varlen)
+    monkeypatch.undo()
+    _check(got, dout, q, k, v, kw, False, varlen=(cq, ck))
 
 
 @pytest.mark.gpu

@@ -34,7 +34,7 @@ from tileattn.backends.triton.forward import _ensure_tma_allocator
 from tileattn.plan import autotuner, bucket, cdiv, device_target, first_misaligned, head_block
 
 LOG2E = 1.4426950408889634
-# rows of one (batch, head) in the padded lse2 / delta buffers come in multiples of this; every
+# each sequence's rows in the lse2 / delta buffers are padded to a multiple of this; every
 # config's BLOCK_M divides it (see backward_kernels [Note] padded row stats)
 ROW_PAD = 128
 
@@ -218,8 +218,10 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     work = bucket(max_seqlen_q) * bucket(max_seqlen_k)
     if use_tma and q.is_cuda:
         _ensure_tma_allocator()
-    row_pad = cdiv(max_seqlen_q, ROW_PAD) * ROW_PAD
-    lse2_pad = torch.empty((batch * hq, row_pad), dtype=torch.float32, device=q.device)
+    # [Note] padded row stats: sequence b's rows start at b * stat_stride_b (+ cu_seqlens_q[b])
+    stat_stride_b = ROW_PAD if varlen else cdiv(seqlen_q, ROW_PAD) * ROW_PAD
+    rows = q.shape[0] + batch * ROW_PAD if varlen else batch * stat_stride_b
+    lse2_pad = torch.empty((hq, rows), dtype=torch.float32, device=q.device)
     delta_pad = torch.empty_like(lse2_pad)
     sink_delta = torch.empty_like(lse) if sinks is not None else lse  # not written without sinks
     # dQ first: it writes lse2 and delta = rowsum(out * dout), which the dK/dV kernel reads
@@ -227,15 +229,15 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     kernel[lambda m: (cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
         q, k, v, dout, out, lse, lse2_pad, delta_pad, sink_delta, dq, dmask, alibi_slopes, attn_mask,
         cu_seqlens_q, cu_seqlens_k, *common, *_strides(out, varlen), *_strides(dq, varlen),
-        stride_lb, stride_lh, row_pad, *tail,
+        stride_lb, stride_lh, stat_stride_b, rows, *tail,
         hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q,
         _head_group(right >= 0, max_seqlen_k, (head_d + head_dv) * k.element_size(), batch * hq),
-        *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None,
+        *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None, ROW_PAD=ROW_PAD,
         **flags, **meta)
     kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv, work), features)
     kernel[lambda m: (cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
         q, k, v, dout, lse2_pad, delta_pad, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
-        *common, *_strides(dk, varlen), *_strides(dv, varlen), row_pad, *tail,
+        *common, *_strides(dk, varlen), *_strides(dv, varlen), stat_stride_b, rows, *tail,
         hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k,
         _head_group(right >= 0, max_seqlen_q * (hq // hkv), (head_d + head_dv) * q.element_size(), batch * hkv),
         *scalars, **flags, **meta)

@@ -50,9 +50,14 @@ Sub notation (on top of ``common.py``'s ``i, j, diag, qk, t``)::
     The dK/dV inner loop needs lse2 and delta of every row block it visits. Loading them from
     lse with a row mask and fixing up empty rows there cost a third of the loop's instructions
     (offline sm_90 SASS at 32x128 tiles: 413 per step for 20 HGMMA, dQ 282). So the dQ kernel,
-    which runs first, stores lse2 and delta of each (batch, query head) to rows of ``row_pad``
-    (a multiple of ROW_PAD >= every BLOCK_M) fp32 entries: +inf / 0 past the sequence's end, so
-    every row block dK/dV can visit reads them without masks (278 instructions per step).
+    which runs first, stores lse2 and delta of every (query head, sequence) row to fp32
+    buffers (Hq, rows) where each sequence's rows are followed by padding up to the next
+    multiple of ROW_PAD (>= and a multiple of every BLOCK_M), filled with +inf / 0 by the
+    sequence's last row block, so every row block dK/dV can visit reads them without masks (278
+    instructions per step). Row r of sequence b of head h sits at h * stat_stride_h +
+    b * stat_stride_b + q_start_b + r: dense, stat_stride_b = Sq rounded up to ROW_PAD (q_start
+    0); varlen, stat_stride_b = ROW_PAD after cu_seqlens_q[b] (Tq + B * ROW_PAD rows per head,
+    not B * max_seqlen_q, so skewed lengths cost no memory).
 """
 
 import triton
@@ -130,15 +135,15 @@ def _load_lse2(lse_base, offs, seqlen):
 
 
 @triton.jit
-def _store_row_stats(lse2_row, delta_row, lse2, delta, m0, pid_m, num_m, row_pad, BLOCK_M: tl.constexpr):
-    """Store a row block's lse2 and delta at rows [m0, m0+BLOCK_M) of one (batch, head)'s padded
-    row; the last row block also fills rows [num_m * BLOCK_M, row_pad) with +inf / 0
-    ([Note] padded row stats)."""
+def _store_row_stats(lse2_row, delta_row, lse2, delta, m0, seqlen, BLOCK_M: tl.constexpr, ROW_PAD: tl.constexpr):
+    """Store a row block's lse2 and delta at rows [m0, m0+BLOCK_M) of one (head, sequence)'s
+    padded rows; the sequence's last row block also fills the rows after it, up to seqlen
+    rounded up to ROW_PAD, with +inf / 0 ([Note] padded row stats)."""
     offs = tl.arange(0, BLOCK_M)
     tl.store(lse2_row + m0 + offs, lse2)
     tl.store(delta_row + m0 + offs, delta)
-    if pid_m == num_m - 1:
-        for r in range(num_m * BLOCK_M, row_pad, BLOCK_M):
+    if m0 + BLOCK_M >= seqlen:
+        for r in range(m0 + BLOCK_M, tl.cdiv(seqlen, ROW_PAD) * ROW_PAD, BLOCK_M):
             tl.store(lse2_row + r + offs, tl.full([BLOCK_M], float("inf"), tl.float32))
             tl.store(delta_row + r + offs, tl.zeros([BLOCK_M], tl.float32))
 
@@ -259,7 +264,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                     row_pad, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
+                     stat_stride_b, stat_stride_h, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
                      num_kv_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_k, head_group,
                      scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
                      tune_sq, tune_sk,
@@ -273,7 +278,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
     Program order: ``_block_and_head`` (head_group heads at a time, key block 0 first; programs
     running together share their heads' q/dout in L2). Query head h = kv_head * group + g for
     g < group (GQA). Every key row < seqlen_k is stored, zeros when no row keeps it.
-    Lse2Pad / DeltaPad: (B * Hq, row_pad) fp32 from the dQ kernel ([Note] padded row stats).
+    Lse2Pad / DeltaPad: padded row stats from the dQ kernel ([Note] padded row stats).
     tune_sq / tune_sk: autotune key only.
     """
     pid_n, off_bh = _block_and_head(tl.program_id(0), tl.cdiv(max_seqlen_k, BLOCK_N), head_group)
@@ -312,7 +317,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
             do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
             q_src, do_src = _tile_sources(q_base, do_base, seqlen_q, stride_qm, stride_dom,
                                           HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
-            stats = (b64 * num_kv_heads * group + h64) * row_pad
+            stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
             lse2_row = Lse2Pad + stats
             delta_row = DeltaPad + stats
             if MASK_KIND != 0:
@@ -412,7 +417,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
                    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                    stride_ob, stride_om, stride_oh, stride_dqb, stride_dqm, stride_dqh,
-                   stride_lb, stride_lh, row_pad, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
+                   stride_lb, stride_lh, stat_stride_b, stat_stride_h, stride_ab, stride_ah, stride_mb, stride_mh,
+                   stride_mm, stride_mn,
                    num_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_q, head_group,
                    scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
                    tune_sq, tune_sk,
@@ -420,7 +426,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
-                   USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
+                   USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, ROW_PAD: tl.constexpr):
     """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,): dq of BLOCK_M rows of one query head.
 
     Program order: ``_block_and_head`` (head_group heads at a time, sharing K/V in L2); with
@@ -428,8 +434,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
     dense only): contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher; this kernel
     writes the tiles it visits. SINKS: SinkDelta (laid out like Lse) gets sum_j P dP from fp32 p and dp,
     so dsinks does not inherit out's rounding: with few keys that rounding alone exceeds the fp16
-    tolerance. Lse2Pad / DeltaPad (B * Hq, row_pad) get lse * log2(e) and rowsum(Out * DOut) of
-    the program's rows, padded ([Note] padded row stats); re-running the kernel (autotuning)
+    tolerance. Lse2Pad / DeltaPad get lse * log2(e) and rowsum(Out * DOut) of the program's rows
+    and the sequence's padding ([Note] padded row stats); re-running the kernel (autotuning)
     writes the same values.
     """
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
@@ -448,13 +454,9 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
         k_start = tl.load(CuSeqlensK + off_b)
         seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
     m0 = pid_m * BLOCK_M
-    b64 = off_b.to(tl.int64)
-    h64 = off_h.to(tl.int64)
-    stats = (b64 * num_heads + h64) * row_pad
-    if m0 >= seqlen_q:  # a short varlen sequence: only its padded row stats
-        _store_row_stats(Lse2Pad + stats, DeltaPad + stats, tl.full([BLOCK_M], float("inf"), tl.float32),
-                         tl.zeros([BLOCK_M], tl.float32), m0, pid_m, num_m, row_pad, BLOCK_M)
-    else:
+    if m0 < seqlen_q:
+        b64 = off_b.to(tl.int64)
+        h64 = off_h.to(tl.int64)
         hk64 = (off_h // group).to(tl.int64)
         q0 = tl.full([], q_start, tl.int64)
         k0 = tl.full([], k_start, tl.int64)
@@ -467,7 +469,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # 0 past seqlen_q (masked loads)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         lse2 = _load_lse2(Lse + b64 * stride_lb + h64 * stride_lh + q0, offs_m, seqlen_q)
-        _store_row_stats(Lse2Pad + stats, DeltaPad + stats, lse2, delta, m0, pid_m, num_m, row_pad, BLOCK_M)
+        stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
+        _store_row_stats(Lse2Pad + stats, DeltaPad + stats, lse2, delta, m0, seqlen_q, BLOCK_M, ROW_PAD)
         k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
         v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
         k_src, v_src = _tile_sources(k_base, v_base, seqlen_k, stride_kn, stride_vn,
