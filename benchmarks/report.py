@@ -5,7 +5,8 @@ cells are microseconds per call and GB/s (do_bench; ``graph`` = CUDA-graph repla
 tables on CUDA come twice, do_bench and CUDA-graph replay (no host launch gaps); memory
 rows give the peak MiB beyond the inputs. ``ours/X`` columns are tileattn's throughput over
 peer X's on the same inputs (> 1: tileattn is faster); paged decode rows are compared with
-the contiguous rows of the same shape. Before the tables: rows whose forward differs from the
+the contiguous rows of the same shape. Decode ratios use the CUDA-graph times when both rows
+have one (small-batch eager decode is host-bound, so do_bench ratios there compare hosts). Before the tables: rows whose forward differs from the
 fp32 reference by more than ``registry.ERR_LIMIT`` ("CHECK FAILED"), and skipped rows with
 their reasons (cut to 200 characters; the JSON has them whole).
 """
@@ -62,6 +63,14 @@ def _dense(rows, cpu) -> str:
     return _table(head, lines)
 
 
+def _time_ratio(slow, fast) -> str:
+    """Throughput of row ``fast`` over row ``slow``: CUDA-graph times if both have them, else do_bench."""
+    if not (slow and fast):
+        return "-"
+    key = "us_graph" if "us_graph" in slow and "us_graph" in fast else "us"
+    return _ratio(slow[key], fast[key])
+
+
 def _decode(rows) -> str:
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     ours = _ours(provs)
@@ -79,10 +88,8 @@ def _decode(rows) -> str:
         if ours:
             mine = us.get((B, Sk, page, ours))
             for p in peers:  # peers run on the contiguous cache
-                r = us.get((B, Sk, page, p)) or us.get((B, Sk, 0, p))
-                line.append(_ratio(r and r["us"], mine and mine["us"]))
-            contig = us.get((B, Sk, 0, ours))
-            line.append(_ratio(contig and contig["us"], mine and mine["us"]) if page else "")
+                line.append(_time_ratio(us.get((B, Sk, page, p)) or us.get((B, Sk, 0, p)), mine))
+            line.append(_time_ratio(us.get((B, Sk, 0, ours)), mine) if page else "")
         lines.append(line)
     head = ["B", "kv len", "cache"] + provs + ([f"ours/{p}" for p in peers] + ["paged/contig"] if ours else [])
     return _table(head, lines)
