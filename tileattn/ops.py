@@ -84,12 +84,14 @@ def bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
                     window_left, window_right, softcap, sinks, dropout_p, seed, cu_seqlens_k)
     dq, dk, dv, dsinks, dmask = backends.get(backend).backward(
         dout, q, k, v, out, lse, deterministic=deterministic, mask_grad=mask_grad, **kw)
-    def empty():
-        return q.new_empty(_EMPTY, dtype=torch.float32)
 
-    return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
-            empty() if dsinks is None else dsinks.float().contiguous(),
-            empty() if dmask is None else dmask.float().contiguous())
+    def as_grad(t, dtype):  # no copies, no dispatcher calls when already right (Triton's outputs)
+        if t is None:
+            return q.new_empty(_EMPTY, dtype=torch.float32)
+        return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+    return (as_grad(dq, q.dtype), as_grad(dk, k.dtype), as_grad(dv, v.dtype),
+            as_grad(dsinks, torch.float32), as_grad(dmask, torch.float32))
 
 
 attention_bwd = torch.library.custom_op("tileattn::attention_bwd", bwd_impl, mutates_args=())

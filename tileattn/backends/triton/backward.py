@@ -30,7 +30,7 @@ from collections import namedtuple
 import torch
 
 from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
-from tileattn.backends.triton.forward import _ensure_tma_allocator
+from tileattn.backends.triton.forward import _ensure_tma_allocator, _strides
 from tileattn.plan import autotuner, bucket, cdiv, device_target, first_misaligned, head_block
 
 LOG2E = 1.4426950408889634
@@ -158,11 +158,6 @@ def _head_group(uneven, rows, row_bytes, num_bh):
     if not uneven or fit < MIN_HEAD_GROUP:
         return 1
     return 1 << (fit.bit_length() - 1)
-
-
-def _strides(t, varlen):
-    """(batch, seq, head) strides; varlen tensors (T, H, D) get batch stride 0."""
-    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
 def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, sinks, attn_mask,

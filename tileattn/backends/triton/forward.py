@@ -201,7 +201,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
 
 def _strides(t, varlen):
     """(batch, seq, head) strides; varlen tensors (T, H, D) get batch stride 0."""
-    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+    s = t.stride()
+    return (0, s[0], s[1]) if varlen else s[:3]
 
 
 def _tma_scratch(size: int, alignment: int, stream):
