@@ -3,14 +3,18 @@
     python scripts/decode_probe.py sweep [out.json]        # split count x key tile, contiguous
     python scripts/decode_probe.py one B L PAGE SHUFFLE N [B L PAGE SHUFFLE N ...]
                                                            # cases (PAGE 0 = contiguous, N 0 = plan)
+    python scripts/decode_probe.py grid B L PAGE [B L PAGE ...]
+                                                           # splits x key tile x stages, one layout
 
-``sweep`` times every split count that keeps B * Hkv * splits <= 8 programs per SM, with 64-
+``grid`` times split counts x 64/128-key tiles x 3/4/5 pipeline stages for one (shuffled)
+layout, the plan's choice first. ``sweep`` times every split count that keeps B * Hkv * splits <= 8 programs per SM, with 64-
 and 128-key tiles (``TILEATTN_DECODE_BLOCK_N``); ``one`` times the plan's own choice for each
 given cache layout (paged-16 with shuffled vs in-order page tables: is the gap to contiguous the
 kernel's or the scattered pages'?). Times are medians of graph replays over rotated input
 copies (replays read HBM, not L2); TB/s counts the K+V bytes read.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -19,6 +23,7 @@ import torch
 import triton
 
 import tileattn
+from tileattn.backends.triton import kvcache as triton_kvcache
 from tileattn.kvcache import paged_from_contiguous
 
 HQ, HKV, D = 32, 8, 128
@@ -87,9 +92,33 @@ def one(B, L, page, shuffle, block_n):
           f"{_tbs(B, L, us):.2f} TB/s", flush=True)
 
 
+def grid(B, L, page):
+    sets = _inputs(B, L, page, True, _copies(B, L))
+    make_plan = triton_kvcache._make_plan
+    plan = triton_kvcache.plan_kvcache(*sets[0][:3], sets[0][3])
+    print(f"B={B} L={L} page={page} plan: {plan}", flush=True)
+    try:
+        for block_n in (128, 64):
+            for stages in (3, 4, 5):
+                triton_kvcache._make_plan = lambda *a, _n=block_n, _s=stages: dataclasses.replace(
+                    make_plan(*a), block_n=_n, num_stages=_s)
+                for splits in (2, 4, 8, 12, 16, 24, 32):
+                    if L // splits < block_n:
+                        continue
+                    us = _time(sets, splits)
+                    print(f"  n={block_n:<3d} stages={stages} splits={splits:<3d} {us:7.1f} us "
+                          f"{_tbs(B, L, us):5.2f} TB/s", flush=True)
+    finally:
+        triton_kvcache._make_plan = make_plan
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "sweep":
         sweep(*sys.argv[2:])
+    elif sys.argv[1] == "grid":
+        args = [int(x) for x in sys.argv[2:]]
+        for i in range(0, len(args), 3):
+            grid(*args[i:i + 3])
     else:
         args = [int(x) for x in sys.argv[2:]]
         for i in range(0, len(args), 5):

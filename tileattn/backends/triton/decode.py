@@ -34,8 +34,9 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
     D=128, as contiguous with 3). A tile inside one page reads one scalar id; a tile of whole
     pages (PAGE_SIZE divides BLOCK_N) reads one id per page and broadcasts it over the page's
     slots (8 ids per 128-key tile at page size 16); other page sizes read one id per key.
-    The slots' offsets are the same for every tile and computed once before the loop, and V
-    reuses K's row offsets when their page and slot strides match (KV_SAME_ROWS). H200, bf16,
+    A tile's ids are read once for K and V. The slots' offsets are the same for every tile and
+    computed once before the loop, and V reuses K's row offsets when their page and slot
+    strides match (KV_SAME_ROWS). H200, bf16,
     page 16, CUDA-graph us before / after: B=1 4k 14.8 / 13.5, B=1 128k 140.9 / 129.6, B=64 4k
     267.0 / 254.6. Page ids are scaled by the page stride after the broadcast: scaled before,
     the compiler loses the offsets' 16-byte divisibility and the gathers went 24-78x slower.
@@ -80,29 +81,38 @@ def _slot_rows(stride_s, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _page_rows(BT_ROW, start_n, end, slot_rows, stride_p, stride_s, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """int64 (BLOCK_N,) element offsets of the keys start_n .. start_n + BLOCK_N in a paged cache
-    (page * stride_p + slot * stride_s; keys >= end get page 0), with ``slot_rows`` from
-    :func:`_slot_rows`.
+def _page_ids(BT_ROW, start_n, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int64 page ids of the keys start_n .. start_n + BLOCK_N (keys >= end get page 0): a
+    scalar when the tile lies in one page, else (BLOCK_N,). Read once per tile, for K and V.
 
     BT_ROW points at the sequence's block-table row; key j sits in page BT_ROW[j // PAGE_SIZE]
     at slot j % PAGE_SIZE. See [Note] page ids: one scalar id when the tile lies in one page,
     one id per page when pages divide the tile, else one per key.
     """
     if PAGE_SIZE % BLOCK_N == 0:
-        page = tl.load(BT_ROW + start_n // PAGE_SIZE, mask=start_n < end, other=0).to(tl.int64)
-        return (page * stride_p + tl.cast(start_n % PAGE_SIZE, tl.int64) * stride_s) + slot_rows
+        return tl.load(BT_ROW + start_n // PAGE_SIZE, mask=start_n < end, other=0).to(tl.int64)
     elif BLOCK_N % PAGE_SIZE == 0:
         PAGES: tl.constexpr = BLOCK_N // PAGE_SIZE
         offs_p = start_n // PAGE_SIZE + tl.arange(0, PAGES)
         ids = tl.load(BT_ROW + offs_p, mask=offs_p * PAGE_SIZE < end, other=0).to(tl.int64)
-        # scale after the reshape: its result's divisibility is unknown to the compiler, and
-        # page * stride_p must stay a known multiple of 16 bytes for vector loads
-        page = tl.reshape(tl.broadcast_to(ids[:, None], (PAGES, PAGE_SIZE)), (BLOCK_N,))
+        return tl.reshape(tl.broadcast_to(ids[:, None], (PAGES, PAGE_SIZE)), (BLOCK_N,))
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        return tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=offs_n < end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _page_rows(page, start_n, slot_rows, stride_p, stride_s, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int64 (BLOCK_N,) element offsets page * stride_p + slot * stride_s of the keys start_n ..
+    start_n + BLOCK_N, from their ids (:func:`_page_ids`) and ``slot_rows`` (:func:`_slot_rows`).
+    Ids are scaled here, after _page_ids' broadcast: scaled before it, the compiler loses the
+    offsets' 16-byte divisibility (see [Note] page ids)."""
+    if PAGE_SIZE % BLOCK_N == 0:
+        return (page * stride_p + tl.cast(start_n % PAGE_SIZE, tl.int64) * stride_s) + slot_rows
+    elif BLOCK_N % PAGE_SIZE == 0:
         return page * stride_p + slot_rows
     else:
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        page = tl.load(BT_ROW + offs_n // PAGE_SIZE, mask=offs_n < end, other=0).to(tl.int64)
         return page * stride_p + (offs_n % PAGE_SIZE).to(tl.int64) * stride_s
 
 
@@ -182,13 +192,14 @@ def _decode_kernel(
         if PAGE_SIZE == 0:
             k_rows = offs_n.to(tl.int64) * stride_ks
         else:
-            k_rows = _page_rows(bt_base, start_n, end, k_slots, stride_kb, stride_ks, PAGE_SIZE, BLOCK_N)
+            page = _page_ids(bt_base, start_n, end, PAGE_SIZE, BLOCK_N)
+            k_rows = _page_rows(page, start_n, k_slots, stride_kb, stride_ks, PAGE_SIZE, BLOCK_N)
         if KV_SAME_ROWS:
             v_rows = k_rows
         elif PAGE_SIZE == 0:
             v_rows = offs_n.to(tl.int64) * stride_vs
         else:
-            v_rows = _page_rows(bt_base, start_n, end, v_slots, stride_vb, stride_vs, PAGE_SIZE, BLOCK_N)
+            v_rows = _page_rows(page, start_n, v_slots, stride_vb, stride_vs, PAGE_SIZE, BLOCK_N)
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :],
                     mask=_rows_mask(kv_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],
