@@ -3,6 +3,7 @@ then host time per call beside SDPA and compiled FlexAttention on a tiny shape (
 the host there, so the loop's wall time is the host's), then host time per training step.
 
     python scripts/profile_overhead.py [main forward_overhead host_vs_peers train_step_host train_step_phases]
+    python scripts/profile_overhead.py step_timeline [OUT_DIR]   # profiler timeline of training steps
 """
 
 import cProfile
@@ -291,6 +292,59 @@ def backward_threads(reps=50):
         print(f"forward + autograd.grad, engine multithreading off: {median_us(grad):.0f} us", flush=True)
 
 
+def step_timeline(out_dir="."):
+    """GPU and host timeline of eager training steps as the benchmark times them (do_bench: L2
+    flush, then the step; causal N=1k, B=16, H=16, D=128), for tileattn, SDPA and Flex: per step,
+    each kernel's start and end and each launch call's time, in us from the step's start
+    (torch.profiler; writes ``timeline-<name>.json`` chrome traces to ``out_dir``)."""
+    import json
+    import os
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    qt, kt, vt, dt = (t.transpose(1, 2) for t in (q, k, v, dout))
+    flex = torch.compile(flex_attention, dynamic=False)
+    causal_mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 1024, 1024)
+    steps = {"tileattn": lambda: tileattn.attention(q, k, v, causal=True).backward(dout),
+             "sdpa": lambda: sdpa(qt, kt, vt, is_causal=True).backward(dt),
+             "flex": lambda: flex(qt, kt, vt, block_mask=causal_mask).backward(dt)}
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for name, fn in steps.items():
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(6):
+                flush.zero_()
+                with record_function(f"step{i}"):
+                    fn()
+            torch.cuda.synchronize()
+        path = os.path.join(out_dir, f"timeline-{name}.json")
+        prof.export_chrome_trace(path)
+        events = json.load(open(path))["traceEvents"]
+        spans = sorted((e for e in events if e.get("ph") == "X" and "dur" in e), key=lambda e: e["ts"])
+        for i in (3, 4, 5):
+            start = next(e for e in spans if e["name"] == f"step{i}" and e.get("cat") == "user_annotation")
+            t0, t1 = start["ts"], start["ts"] + start["dur"]
+            flush_end = max(e["ts"] + e["dur"] for e in spans if e.get("cat") == "kernel" and e["ts"] < t0)
+            lines = [f"{name} step{i}: host {start['dur']:.0f} us, L2 flush ends at {flush_end - t0:+.0f}"]
+            nxt = next((e["ts"] for e in spans if e["name"] == f"step{i + 1}"), float("inf"))
+            for e in spans:
+                if e.get("cat") == "kernel" and t0 <= e["ts"] < nxt:
+                    lines.append(f"  kernel {e['ts'] - t0:7.0f} .. {e['ts'] + e['dur'] - t0:7.0f}  {e['name'][:60]}")
+                elif e.get("cat") == "cuda_runtime" and t0 <= e["ts"] < t1 and "aunch" in e["name"]:
+                    lines.append(f"  launch {e['ts'] - t0:7.0f}            {e['name'][:40]} (tid {e.get('tid')})")
+            print("\n".join(lines), flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["step_timeline"]:
+        step_timeline(*sys.argv[2:])
+        sys.exit()
     for name in sys.argv[1:] or ["main", "forward_overhead", "host_vs_peers", "train_step_host", "train_step_phases"]:
         globals()[name]()
