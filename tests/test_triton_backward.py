@@ -287,6 +287,19 @@ def test_noncontiguous_bitwise():
             assert torch.equal(g, r)
 
 
+def test_seed_per_call():
+    """The launch plan is cached per call signature, the dropout seed is not: two calls of the
+    same shapes with different seeds each match the oracle with their own seed."""
+    q, k, v = make_qkv(1, 19, 23, 2, 2, 32, dtype=torch.float32, device=DEVICE)
+    dout = torch.randn_like(q)
+    for seed in (11, 22):
+        kw = _features(dict(p=0.4), 1, 19, 23, 2, 32, torch.float32, DEVICE)
+        kw["seed"] = seed
+        out, lse = forward(q, k, v, **kw)
+        got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
+        _check(got, dout, q, k, v, kw, False)
+
+
 def test_row_blocks_fit_row_pad():
     """The dK/dV kernel reads lse2/delta of whole row blocks unmasked: every BLOCK_M divides ROW_PAD."""
     for table in (BW._DKDV, BW._DQ):
