@@ -24,7 +24,6 @@ Example::
                                 seed=0, deterministic=False, mask_grad=False)
 """
 
-import functools
 import os
 from collections import namedtuple
 
@@ -161,72 +160,6 @@ def _head_group(uneven, rows, row_bytes, num_bh):
     return 1 << (fit.bit_length() - 1)
 
 
-# the non-tensor arguments of one kernel launch, fixed by shapes, strides and options
-Launch = namedtuple("Launch", "kernel grid args meta seed_pos")
-
-
-def _launch(kernel, which, table, q, block_d, block_dv, work, features, flags, grid_len, grid_rows, args, extra):
-    """A :class:`Launch` of ``kernel`` (directly or through its cached autotuner): grid
-    ``cdiv(grid_len, block) * grid_rows`` programs (1-D: no 65535 cap), ``args`` after the
-    tensor arguments, ``extra`` + ``flags`` as keywords; ``args`` ends with the scalars, the seed
-    third from last."""
-    kernel, meta = _launcher(kernel, which, _configs(table, q, block_d, block_dv, work), features)
-    rows_key = "BLOCK_M" if which == "dq" else "BLOCK_N"
-    if meta:
-        grid = (cdiv(grid_len, meta[rows_key]) * grid_rows,)
-    else:
-        grid = lambda m: (cdiv(grid_len, m[rows_key]) * grid_rows,)  # noqa: E731
-    return Launch(kernel, grid, args, {**extra, **flags, **meta}, len(args) - 3)
-
-
-def _fresh_strides(shape, varlen):
-    """``_strides`` of a new contiguous tensor of ``shape`` (dq, dk, dv)."""
-    strides = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        strides[i] = strides[i + 1] * shape[i + 1]
-    return (0, strides[0], strides[1]) if varlen else tuple(strides[:3])
-
-
-@functools.lru_cache(maxsize=256)
-def _plan(q, k, v, varlen, batch, seqlen_q, seqlen_k, max_seqlen_q, max_seqlen_k, strides, lse_strides,
-          tail, scale, window, softcap, dropout_p, mask_kind, has_alibi, has_sinks, mask_grad, use_tma):
-    """(dq Launch, dkdv Launch, rows, stat_stride_b) for one call signature; cached, so a repeated
-    call (every training step) only allocates and launches. q, k, v: (shape, dtype, device);
-    strides: the ``_strides`` of q, k, v, dout, out; tail: alibi and mask strides."""
-    (q_shape, dtype, device), (k_shape, _, _), (v_shape, _, _) = q, k, v
-    like = torch.empty(0, dtype=dtype, device=device)
-    hq, hkv, head_d, head_dv = q_shape[-2], k_shape[-2], q_shape[-1], v_shape[-1]
-    block_d, block_dv = head_block(head_d), head_block(head_dv)
-    left, right = window
-    flags = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv, IS_VARLEN=varlen,
-                 SOFTCAP=softcap > 0, ALIBI=has_alibi, MASK_KIND=mask_kind,
-                 HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, USE_TMA=use_tma,
-                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
-    features = tuple(sorted(flags.items())) + (("MASK_GRAD", mask_grad), ("SINKS", has_sinks))
-    q_s, k_s, v_s, do_s, o_s = strides
-    common = (*q_s, *k_s, *v_s, *do_s)
-    scalars = (scale, scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E, left, right,
-               float(dropout_p), 0, bucket(max_seqlen_q), bucket(max_seqlen_k))  # 0: the seed's slot
-    work = bucket(max_seqlen_q) * bucket(max_seqlen_k)
-    # [Note] padded row stats: sequence b's rows start at b * stat_stride_b (+ cu_seqlens_q[b])
-    stat_stride_b = ROW_PAD if varlen else cdiv(seqlen_q, ROW_PAD) * ROW_PAD
-    rows = q_shape[0] + batch * ROW_PAD if varlen else batch * stat_stride_b
-    dq_s, dk_s, dv_s = (_fresh_strides(shape, varlen) for shape in (q_shape, k_shape, v_shape))
-    dq = _launch(_bwd_dq_kernel, "dq", _DQ, like, block_d, block_dv, work, features, flags, max_seqlen_q,
-                 batch * hq, (*common, *o_s, *dq_s, *lse_strides, stat_stride_b, rows, *tail,
-                              hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q,
-                              _head_group(right >= 0, max_seqlen_k, (head_d + head_dv) * like.element_size(),
-                                          batch * hq), *scalars),
-                 dict(MASK_GRAD=mask_grad, SINKS=has_sinks, ROW_PAD=ROW_PAD))
-    dkdv = _launch(_bwd_dkdv_kernel, "dkdv", _DKDV, like, block_d, block_dv, work, features, flags, max_seqlen_k,
-                   batch * hkv, (*common, *dk_s, *dv_s, stat_stride_b, rows, *tail,
-                                 hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k,
-                                 _head_group(right >= 0, max_seqlen_q * (hq // hkv),
-                                             (head_d + head_dv) * like.element_size(), batch * hkv), *scalars),
-                   {})
-    return dq, dkdv, rows, stat_stride_b
-
-
 def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, sinks, attn_mask,
              dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
              max_seqlen_k=None, deterministic=False, mask_grad=False):
@@ -242,56 +175,70 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    hq = q.shape[-2]
+    hq, hkv = q.shape[-2], k.shape[-2]
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         if max_seqlen_q is None or max_seqlen_k is None:  # host sync; the API passes both
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch > 0 else 0
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if batch > 0 else 0
         seqlen_q = seqlen_k = 0
-        lse_strides = (0, lse.stride(0))
+        stride_lb, stride_lh = 0, lse.stride(0)
     else:
         batch, seqlen_q = q.shape[:2]
         seqlen_k = k.shape[1]
         max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
-        lse_strides = lse.stride()[:2]
+        stride_lb, stride_lh = lse.stride(0), lse.stride(1)
     mask_grad = mask_grad and not varlen
     dmask = torch.zeros((batch, hq, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device) if mask_grad else None
     if q.numel() == 0 or k.numel() == 0 or batch == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         dsinks = None if sinks is None else torch.zeros_like(sinks, dtype=torch.float32)
         return dq.zero_(), dk.zero_(), dv.zero_(), dsinks, dmask
 
+    head_d, head_dv = q.shape[-1], v.shape[-1]
+    block_d, block_dv = head_block(head_d), head_block(head_dv)
+    left, right = window
+    mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
     use_tma = _use_tma(q, k, v, dout, max(max_seqlen_q, max_seqlen_k))
-    if use_tma and q.is_cuda:
-        _ensure_tma_allocator()
+    flags = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv, IS_VARLEN=varlen,
+                 SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
+                 HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, USE_TMA=use_tma,
+                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    features = tuple(sorted(flags.items())) + (("MASK_GRAD", mask_grad), ("SINKS", sinks is not None))
+    common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
     tail = (*(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
             *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)))
-    dq_launch, dkdv_launch, rows, stat_stride_b = _plan(
-        (q.shape, q.dtype, q.device), (k.shape, k.dtype, k.device), (v.shape, v.dtype, v.device), varlen, batch,
-        seqlen_q, seqlen_k, max_seqlen_q, max_seqlen_k,
-        tuple(_strides(t, varlen) for t in (q, k, v, dout, out)), lse_strides, tail, scale, window, softcap,
-        dropout_p, 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2),
-        alibi_slopes is not None, sinks is not None, mask_grad, use_tma)
+    scalars = (scale, scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E, left, right,
+               float(dropout_p), int(seed) if dropout_p > 0 else 0, bucket(max_seqlen_q), bucket(max_seqlen_k))
+
+    work = bucket(max_seqlen_q) * bucket(max_seqlen_k)
+    if use_tma and q.is_cuda:
+        _ensure_tma_allocator()
+    # [Note] padded row stats: sequence b's rows start at b * stat_stride_b (+ cu_seqlens_q[b])
+    stat_stride_b = ROW_PAD if varlen else cdiv(seqlen_q, ROW_PAD) * ROW_PAD
+    rows = q.shape[0] + batch * ROW_PAD if varlen else batch * stat_stride_b
     lse2_pad = torch.empty((hq, rows), dtype=torch.float32, device=q.device)
     delta_pad = torch.empty_like(lse2_pad)
     sink_delta = torch.empty_like(lse) if sinks is not None else lse  # not written without sinks
     # dQ first: it writes lse2 and delta = rowsum(out * dout), which the dK/dV kernel reads
-    _run(dq_launch, seed, dropout_p, q, k, v, dout, out, lse, lse2_pad, delta_pad, sink_delta, dq, dmask,
-         alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k)
-    _run(dkdv_launch, seed, dropout_p, q, k, v, dout, lse2_pad, delta_pad, dk, dv, alibi_slopes, attn_mask,
-         cu_seqlens_q, cu_seqlens_k)
+    kernel, meta = _launcher(_bwd_dq_kernel, "dq", _configs(_DQ, q, block_d, block_dv, work), features)
+    kernel[lambda m: (cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
+        q, k, v, dout, out, lse, lse2_pad, delta_pad, sink_delta, dq, dmask, alibi_slopes, attn_mask,
+        cu_seqlens_q, cu_seqlens_k, *common, *_strides(out, varlen), *_strides(dq, varlen),
+        stride_lb, stride_lh, stat_stride_b, rows, *tail,
+        hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q,
+        _head_group(right >= 0, max_seqlen_k, (head_d + head_dv) * k.element_size(), batch * hq),
+        *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None, ROW_PAD=ROW_PAD,
+        **flags, **meta)
+    kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv, work), features)
+    kernel[lambda m: (cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
+        q, k, v, dout, lse2_pad, delta_pad, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
+        *common, *_strides(dk, varlen), *_strides(dv, varlen), stat_stride_b, rows, *tail,
+        hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k,
+        _head_group(right >= 0, max_seqlen_q * (hq // hkv), (head_d + head_dv) * q.element_size(), batch * hkv),
+        *scalars, **flags, **meta)
 
     dsinks = None
     if sinks is not None:  # P_sink,i = exp(sink - lse_i) times dS = 0 - delta_i (from fp32 p * dp)
         sink = sinks.float().view(-1, 1) if varlen else sinks.float().view(1, -1, 1)
         dsinks = -(torch.exp(sink - lse) * sink_delta).sum(dim=1 if varlen else (0, 2))
     return dq, dk, dv, dsinks, dmask
-
-
-def _run(launch, seed, dropout_p, *tensors):
-    """Launch a planned kernel on ``tensors`` (its leading arguments), with the call's seed."""
-    args = launch.args
-    if dropout_p > 0:
-        pos = launch.seed_pos
-        args = (*args[:pos], int(seed), *args[pos + 1:])
-    launch.kernel[launch.grid](*tensors, *args, **launch.meta)
