@@ -1,0 +1,80 @@
+"""Offline sm_90 compile of the decode kernel (no GPU needed): registers, stack and a hash of the
+SASS for the benchmark's decode shape (bf16, Hq=32, Hkv=8, D=128, one new token, 16 splits) over
+contiguous and paged caches, K/V sharing row offsets or not. Compare two trees' kernels:
+
+    python scripts/decode_sass.py .            # this tree
+    git worktree add /tmp/old REF && python scripts/decode_sass.py /tmp/old
+
+Specialization (16-divisibility of pointers and strides, ints equal to 1 as constants) follows
+what Triton derives at launch for those inputs.
+"""
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.abspath(sys.argv[1]))
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import tileattn.backends.triton.decode as dec  # noqa: E402
+
+assert dec.__file__.startswith(os.path.abspath(sys.argv[1])), dec.__file__
+fn = dec._decode_kernel
+
+
+def build(vals, consts):
+    """ASTSource with Triton's launch-time specialization of these argument values."""
+    sig, cx, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"; cx[name] = consts[name]; continue
+        v = vals[name]
+        if v is None:
+            sig[name] = "constexpr"; cx[name] = None
+        elif isinstance(v, str):
+            sig[name] = v; attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        elif v == 1:
+            sig[name] = "constexpr"; cx[name] = 1
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn, sig, cx, attrs)
+
+def case(page, same_rows, vstride_scale=1):
+    """Compile one layout (page 0 = contiguous); V's page/slot strides scaled when not same_rows."""
+    pool = page or 4096
+    ks = (pool * 8 * 128, 8 * 128, 128) if page else (4096 * 8 * 128, 8 * 128, 128)
+    vs = tuple(s * vstride_scale for s in ks[:2]) + (ks[2],) if not same_rows else ks
+    vals = dict(Q="*bf16", K="*bf16", V="*bf16", SEQLENS="*i32", BLOCK_TABLE="*i32" if page else None,
+                ALIBI=None, SINKS=None, OUT="*fp32", LSE="*fp32",
+                stride_qb=4096, stride_qs=4096, stride_qh=128, stride_kb=ks[0], stride_ks=ks[1], stride_kh=ks[2],
+                stride_vb=vs[0], stride_vs=vs[1], stride_vh=vs[2], stride_btb=256, stride_ab=0, stride_ah=0,
+                stride_sink=0, stride_ob=65536, stride_os=65536, stride_oh=2048, stride_osplit=128,
+                stride_lb=512, stride_lh=16, stride_ls=512, stride_lsplit=1, Hkv=8, Sn=1, n_new=1,
+                scale=0.088, softcap=0.0, window_left=-1, window_right=0)
+    consts = dict(G=4, HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_M=16, BLOCK_N=128, BLOCK_D=128, BLOCK_DV=128,
+                  PAGE_SIZE=page, KV_SAME_ROWS=same_rows, NUM_SPLITS=16, SPLIT=True, HAS_LEFT=False,
+                  HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, DOT_PRECISION="tf32")
+    src = build(vals, consts)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, num_stages=5 if page else 3))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    cuobj = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    sass = subprocess.run([cuobj, "-sass", f.name], capture_output=True, text=True).stdout
+    body = "\n".join(re.sub(r"/\*[0-9a-f]{4}\*/", "", l).strip() for l in sass.splitlines() if "/*" in l)
+    res = subprocess.run([cuobj, "-res-usage", f.name], capture_output=True, text=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    return f"regs {usage.group(1)} stack {usage.group(2)} sass-lines {len(body.splitlines())} sha {hashlib.sha1(body.encode()).hexdigest()[:12]}"
+
+
+for page, same, scale in ((0, True, 1), (16, True, 1), (256, True, 1), (5, True, 1), (16, False, 2), (5, False, 2), (256, False, 2)):
+    try:
+        print(f"page={page:<3} same_rows={same!s:5} {case(page, same, scale)}", flush=True)
+    except Exception as e:
+        print(f"page={page} same_rows={same}: {type(e).__name__}: {str(e)[:300]}", flush=True)
