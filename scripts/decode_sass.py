@@ -30,21 +30,19 @@ def build(vals, consts):
     """ASTSource with Triton's launch-time specialization of these argument values."""
     sig, cx, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"; cx[name] = consts[name]; continue
-        v = vals[name]
-        if v is None:
-            sig[name] = "constexpr"; cx[name] = None
+        v = consts.get(name, vals.get(name))
+        if name in consts or v is None or (isinstance(v, int) and v == 1):
+            sig[name], cx[name] = "constexpr", v
         elif isinstance(v, str):
-            sig[name] = v; attrs[(i,)] = [["tt.divisibility", 16]]
+            sig[name], attrs[(i,)] = v, [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[name] = "fp32"
-        elif v == 1:
-            sig[name] = "constexpr"; cx[name] = 1
         else:
             sig[name] = "i32"
-            if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn, sig, cx, attrs)
+
 
 def case(page, same_rows, vstride_scale=1):
     """Compile one layout (page 0 = contiguous); V's page/slot strides scaled when not same_rows."""
