@@ -21,6 +21,7 @@ import sys
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 import tileattn
 from tileattn.backends.triton import kvcache as triton_kvcache
@@ -105,7 +106,11 @@ def grid(B, L, page):
                 for splits in (2, 4, 8, 12, 16, 24, 32):
                     if L // splits < block_n:
                         continue
-                    us = _time(sets, splits)
+                    try:
+                        us = _time(sets, splits)
+                    except OutOfResources:
+                        print(f"  n={block_n:<3d} stages={stages}: over the shared memory limit", flush=True)
+                        break
                     print(f"  n={block_n:<3d} stages={stages} splits={splits:<3d} {us:7.1f} us "
                           f"{_tbs(B, L, us):5.2f} TB/s", flush=True)
     finally:

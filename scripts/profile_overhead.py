@@ -4,6 +4,7 @@ the host there, so the loop's wall time is the host's), then host time per train
 
     python scripts/profile_overhead.py [main forward_overhead host_vs_peers train_step_host train_step_phases]
     python scripts/profile_overhead.py step_timeline [OUT_DIR]   # profiler timeline of training steps
+    python scripts/profile_overhead.py step_gaps                 # GPU idle gaps of the eager step (events)
 """
 
 import cProfile
@@ -340,6 +341,80 @@ def step_timeline(out_dir="."):
                 elif e.get("cat") == "cuda_runtime" and t0 <= e["ts"] < t1 and "aunch" in e["name"]:
                     lines.append(f"  launch {e['ts'] - t0:7.0f}            {e['name'][:40]} (tid {e.get('tid')})")
             print("\n".join(lines), flush=True)
+
+
+def step_gaps(reps=30):
+    """Where an eager training step leaves the GPU idle, as the benchmark times it (L2 flush, then
+    ``autograd.grad(attention(q, k, v), (q, k, v), dout)``; causal N=1k, B=16, H=16, D=128). CUDA
+    events recorded at the flush's end, around ``ops.fwd_impl`` and around ``ops.bwd_impl`` give
+    GPU-side intervals (median us): idle before the forward's launch, the forward (host prep +
+    kernel), forward end -> backward start, the backward (prep + dQ + dK/dV), the whole step;
+    beside them the same with autograd's device threads off, and the GPU time of a CUDA-graph
+    replay of the step."""
+    import statistics
+
+    ops = importlib.import_module("tileattn.ops")
+    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    events = {}
+    fwd_impl, bwd_impl = ops.fwd_impl, ops.bwd_impl
+
+    def mark(name):
+        events[name] = torch.cuda.Event(enable_timing=True)
+        events[name].record()
+
+    def traced(name, fn):
+        def call(*args):
+            mark(f"{name} start")
+            out = fn(*args)
+            mark(f"{name} end")
+            return out
+        return call
+
+    def step():
+        return torch.autograd.grad(tileattn.attention(q, k, v, causal=True), (q, k, v), dout)
+
+    def measure():
+        rows = []
+        for i in range(reps + 5):
+            flush.zero_()
+            mark("flush end")
+            step()
+            mark("step end")
+            torch.cuda.synchronize()
+            if i >= 5:
+                e = events
+                rows.append((e["flush end"].elapsed_time(e["fwd start"]), e["fwd start"].elapsed_time(e["fwd end"]),
+                             e["fwd end"].elapsed_time(e["bwd start"]), e["bwd start"].elapsed_time(e["bwd end"]),
+                             e["flush end"].elapsed_time(e["step end"])))
+        return [statistics.median(r[i] for r in rows) * 1e3 for i in range(5)]
+
+    ops.fwd_impl, ops.bwd_impl = traced("fwd", fwd_impl), traced("bwd", bwd_impl)
+    try:
+        names = ("idle before fwd", "fwd", "fwd end -> bwd start", "bwd", "step")
+        for threads in (True, False):
+            with torch.autograd.set_multithreading_enabled(threads):
+                gaps = measure()
+            print(f"engine threads {'on ' if threads else 'off'}: " + ", ".join(
+                f"{n} {g:.0f}" for n, g in zip(names, gaps)), flush=True)
+    finally:
+        ops.fwd_impl, ops.bwd_impl = fwd_impl, bwd_impl
+    graph = torch.cuda.CUDAGraph()
+    step()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"CUDA-graph replay of the step: {begin.elapsed_time(end) / reps * 1e3:.0f} us", flush=True)
 
 
 if __name__ == "__main__":
