@@ -354,14 +354,19 @@ def step_gaps(reps=30):
     import statistics
 
     ops = importlib.import_module("tileattn.ops")
+    fwd_mod = importlib.import_module("tileattn.backends.triton.forward")
+    bwd_mod = importlib.import_module("tileattn.backends.triton.backward_kernels")
+    kernels = {"fwd kernel": fwd_mod._fwd_kernel, "dq kernel": bwd_mod._bwd_dq_kernel,
+               "dkdv kernel": bwd_mod._bwd_dkdv_kernel}
     q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_(True)
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    events = {}
+    events, stamps = {}, {}
     fwd_impl, bwd_impl = ops.fwd_impl, ops.bwd_impl
 
     def mark(name):
+        stamps[name] = time.perf_counter()
         events[name] = torch.cuda.Event(enable_timing=True)
         events[name].record()
 
@@ -373,11 +378,24 @@ def step_gaps(reps=30):
             return out
         return call
 
+    def stamped(name, run):  # host time of Triton's launch call (JITFunction.run)
+        def call(*args, **kwargs):
+            stamps[f"{name} run"] = time.perf_counter()
+            out = run(*args, **kwargs)
+            stamps[f"{name} ran"] = time.perf_counter()
+            return out
+        return call
+
     def step():
         return torch.autograd.grad(tileattn.attention(q, k, v, causal=True), (q, k, v), dout)
 
+    host_spans = (("fwd start", "fwd kernel run"), ("fwd kernel run", "fwd kernel ran"), ("fwd kernel ran", "fwd end"),
+                  ("fwd end", "bwd start"), ("bwd start", "dq kernel run"), ("dq kernel run", "dq kernel ran"),
+                  ("dq kernel ran", "dkdv kernel run"), ("dkdv kernel run", "dkdv kernel ran"),
+                  ("dkdv kernel ran", "bwd end"), ("bwd end", "step end"))
+
     def measure():
-        rows = []
+        rows, host = [], []
         for i in range(reps + 5):
             flush.zero_()
             mark("flush end")
@@ -389,18 +407,25 @@ def step_gaps(reps=30):
                 rows.append((e["flush end"].elapsed_time(e["fwd start"]), e["fwd start"].elapsed_time(e["fwd end"]),
                              e["fwd end"].elapsed_time(e["bwd start"]), e["bwd start"].elapsed_time(e["bwd end"]),
                              e["flush end"].elapsed_time(e["step end"])))
-        return [statistics.median(r[i] for r in rows) * 1e3 for i in range(5)]
+                host.append([(stamps[b] - stamps[a]) * 1e6 for a, b in host_spans])
+        return ([statistics.median(r[i] for r in rows) * 1e3 for i in range(5)],
+                [statistics.median(h[i] for h in host) for i in range(len(host_spans))])
 
     ops.fwd_impl, ops.bwd_impl = traced("fwd", fwd_impl), traced("bwd", bwd_impl)
+    for name, kernel in kernels.items():
+        kernel.run = stamped(name, kernel.run)
     try:
         names = ("idle before fwd", "fwd", "fwd end -> bwd start", "bwd", "step")
         for threads in (True, False):
             with torch.autograd.set_multithreading_enabled(threads):
-                gaps = measure()
-            print(f"engine threads {'on ' if threads else 'off'}: " + ", ".join(
+                gaps, host = measure()
+            print(f"engine threads {'on ' if threads else 'off'}: GPU " + ", ".join(
                 f"{n} {g:.0f}" for n, g in zip(names, gaps)), flush=True)
+            print("  host us: " + ", ".join(f"{a} -> {b} {h:.0f}" for (a, b), h in zip(host_spans, host)), flush=True)
     finally:
         ops.fwd_impl, ops.bwd_impl = fwd_impl, bwd_impl
+        for kernel in kernels.values():
+            del kernel.run  # back to the class's method
     graph = torch.cuda.CUDAGraph()
     step()
     torch.cuda.synchronize()

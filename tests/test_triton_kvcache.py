@@ -193,6 +193,15 @@ def test_16bit_uses_128_key_tiles(device, page):
     _check(*args, num_splits=1)
 
 
+def test_short_splits_use_64_key_tiles():
+    """A split spanning <= SHORT_SPLIT_KEYS keys of capacity takes 64-key tiles (B=1, 4k keys,
+    16 splits on an H100/H200), longer ones 128."""
+    q = torch.empty(1, 1, 32, 128, dtype=torch.bfloat16)
+    kc = torch.empty(1, 4096, 8, 128, dtype=torch.bfloat16)
+    assert plan_kvcache(q, kc, kc, None, num_splits=16).block_n == 64
+    assert plan_kvcache(q, kc, kc, None, num_splits=8).block_n == 128
+
+
 def test_choose_num_splits():
     assert choose_num_splits(64, 8, 4096, 132) == 1
     assert choose_num_splits(16, 8, 32768, 132) == 1

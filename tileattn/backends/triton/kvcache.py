@@ -35,7 +35,11 @@ STAGE_BYTES, WIDE_STAGE_BYTES = 64 * 1024, 32 * 1024
 # Measured on the H200 (bf16, Hq=32, Hkv=8, D=128, CUDA-graph replay, scripts/decode_probe.py
 # sweep of 1-64 splits x 64/128-key tiles): the fastest split count makes B * Hkv * splits
 # about one program per SM at every batch (B=1/32k: 16 splits 36.8 us vs 50 splits 40-45 us;
-# B=16/4k: 1 split 64.0 us vs 4 splits 73-75 us), and 128-key tiles win or tie everywhere.
+# B=16/4k: 1 split 64.0 us vs 4 splits 73-75 us), and 128-key tiles win everywhere except
+# where a split spans at most SHORT_SPLIT_KEYS of capacity: B=1/4k (16 splits of 256 keys),
+# 64-key tiles 10.2 / 10.7 / 10.4 us vs 10.7 / 11.2 / 10.9 (contiguous / paged 16 / paged
+# 256); B=4/4k (1024 keys per split) 22.7 vs 21.4, B=1/32k paged 16 39.4 vs 37.4.
+SHORT_SPLIT_KEYS = 256
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ def _make_plan(B, Sn, Hq, Hkv, D, Dv, elt_size, capacity, paged, num_splits, dev
         block_n, stage_bytes = 128, STAGE_BYTES if width <= 256 else WIDE_STAGE_BYTES
         while block_n > 16 and block_n * width * elt_size > stage_bytes:
             block_n //= 2
+        if capacity <= SHORT_SPLIT_KEYS * num_splits:  # two 128-key tiles per split pipeline poorly
+            block_n = min(block_n, 64)
     block_n = forced_block_n or block_n
     # 64 rows x 128 columns on 4 warps: 255 registers, paged ones spill (ptxas sm_90: 96-104 B)
     num_warps = 8 if block_m * triton.next_power_of_2(max(D, Dv)) >= 64 * 128 else 4
