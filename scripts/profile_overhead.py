@@ -5,6 +5,7 @@ the host there, so the loop's wall time is the host's), then host time per train
     python scripts/profile_overhead.py [main forward_overhead host_vs_peers train_step_host train_step_phases]
     python scripts/profile_overhead.py step_timeline [OUT_DIR]   # profiler timeline of training steps
     python scripts/profile_overhead.py step_gaps                 # GPU idle gaps of the eager step (events)
+    python scripts/profile_overhead.py step_cprofile             # cProfile of the eager step, one thread
 """
 
 import cProfile
@@ -442,9 +443,33 @@ def step_gaps(reps=30):
     print(f"CUDA-graph replay of the step: {begin.elapsed_time(end) / reps * 1e3:.0f} us", flush=True)
 
 
+def step_cprofile(reps=50):
+    """cProfile of the eager training step as the benchmark runs it (``autograd.grad``, causal
+    N=1k, B=16, H=16, D=128) with autograd's device threads off, so the backward's Python is
+    profiled too: the top functions by own time."""
+    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def step():
+        return torch.autograd.grad(tileattn.attention(q, k, v, causal=True), (q, k, v), dout)
+
+    with torch.autograd.set_multithreading_enabled(False):
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(reps):
+            step()
+        prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(35)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["step_timeline"]:
-        step_timeline(*sys.argv[2:])
+    if sys.argv[1:2] in (["step_timeline"], ["step_gaps"], ["step_cprofile"]):
+        globals()[sys.argv[1]](*sys.argv[2:])
         sys.exit()
     for name in sys.argv[1:] or ["main", "forward_overhead", "host_vs_peers", "train_step_host", "train_step_phases"]:
         globals()[name]()
