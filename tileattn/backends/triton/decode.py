@@ -36,10 +36,10 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
     slots (8 ids per 128-key tile at page size 16); other page sizes read one id per key.
     A tile's ids are read once for K and V. The slots' offsets are the same for every tile and
     computed once before the loop, and V reuses K's row offsets when their page and slot
-    strides match (KV_SAME_ROWS). H200, bf16,
-    page 16, CUDA-graph us before / after: B=1 4k 14.8 / 13.5, B=1 128k 140.9 / 129.6, B=64 4k
-    267.0 / 254.6. Page ids are scaled by the page stride after the broadcast: scaled before,
-    the compiler loses the offsets' 16-byte divisibility and the gathers went 24-78x slower.
+    strides match (KV_SAME_ROWS). H200, bf16, page 16, CUDA-graph us before / after: B=1 4k
+    14.8 / 13.5, B=1 128k 140.9 / 129.6, B=64 4k 267.0 / 254.6. Page ids are scaled by the page
+    stride after the broadcast: scaled before, the compiler loses the offsets' 16-byte
+    divisibility and the gathers went 24-78x slower.
 """
 
 import torch
@@ -82,12 +82,12 @@ def _slot_rows(stride_s, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _page_ids(BT_ROW, start_n, end, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """int64 page ids of the keys start_n .. start_n + BLOCK_N (keys >= end get page 0): a
-    scalar when the tile lies in one page, else (BLOCK_N,). Read once per tile, for K and V.
+    """int64 page ids of the keys start_n .. start_n + BLOCK_N (keys >= end get page 0), read
+    once per tile for K and V: a scalar when the tile lies in one page, else (BLOCK_N,).
 
     BT_ROW points at the sequence's block-table row; key j sits in page BT_ROW[j // PAGE_SIZE]
-    at slot j % PAGE_SIZE. See [Note] page ids: one scalar id when the tile lies in one page,
-    one id per page when pages divide the tile, else one per key.
+    at slot j % PAGE_SIZE. See [Note] page ids: one id read when the tile lies in one page, one
+    per page when pages divide the tile, else one per key.
     """
     if PAGE_SIZE % BLOCK_N == 0:
         return tl.load(BT_ROW + start_n // PAGE_SIZE, mask=start_n < end, other=0).to(tl.int64)
