@@ -295,10 +295,12 @@ def backward_threads(reps=50):
 
 
 def step_timeline(out_dir="."):
-    """GPU and host timeline of eager training steps as the benchmark times them (do_bench: L2
-    flush, then the step; causal N=1k, B=16, H=16, D=128), for tileattn, SDPA and Flex: per step,
-    each kernel's start and end and each launch call's time, in us from the step's start
-    (torch.profiler; writes ``timeline-<name>.json`` chrome traces to ``out_dir``)."""
+    """GPU and host timeline of eager training steps ``out.backward(dout)`` after an L2 flush
+    (causal N=1k, B=16, H=16, D=128), for tileattn, SDPA and Flex: per step, each kernel's start
+    and end and each runtime launch call's time, in us from the step's start (torch.profiler;
+    writes ``timeline-<name>.json`` chrome traces to ``out_dir``). Unlike the benchmark's
+    ``autograd.grad`` step, ``backward`` also accumulates into ``.grad`` (three add kernels),
+    and the profiler slows the host: ``step_gaps`` measures the benchmark's step."""
     import json
     import os
 
