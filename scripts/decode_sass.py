@@ -46,8 +46,7 @@ def build(vals, consts):
 
 def case(page, same_rows, vstride_scale=1):
     """Compile one layout (page 0 = contiguous); V's page/slot strides scaled when not same_rows."""
-    pool = page or 4096
-    ks = (pool * 8 * 128, 8 * 128, 128) if page else (4096 * 8 * 128, 8 * 128, 128)
+    ks = ((page or 4096) * 8 * 128, 8 * 128, 128)  # page (or sequence), slot (or key), head
     vs = tuple(s * vstride_scale for s in ks[:2]) + (ks[2],) if not same_rows else ks
     vals = dict(Q="*bf16", K="*bf16", V="*bf16", SEQLENS="*i32", BLOCK_TABLE="*i32" if page else None,
                 ALIBI=None, SINKS=None, OUT="*fp32", LSE="*fp32",
@@ -61,17 +60,22 @@ def case(page, same_rows, vstride_scale=1):
                   HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, DOT_PRECISION="tf32")
     src = build(vals, consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, num_stages=5 if page else 3))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    cuobj = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    sass = subprocess.run([cuobj, "-sass", f.name], capture_output=True, text=True).stdout
-    body = "\n".join(re.sub(r"/\*[0-9a-f]{4}\*/", "", l).strip() for l in sass.splitlines() if "/*" in l)
-    res = subprocess.run([cuobj, "-res-usage", f.name], capture_output=True, text=True).stdout
-    usage = re.search(r"REG:(\d+) STACK:(\d+)", res)
-    return f"regs {usage.group(1)} stack {usage.group(2)} sass-lines {len(body.splitlines())} sha {hashlib.sha1(body.encode()).hexdigest()[:12]}"
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "decode.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        sass, res = (subprocess.run([cuobjdump, flag, cubin], capture_output=True, text=True).stdout
+                     for flag in ("-sass", "-res-usage"))
+    # instructions without their addresses, so equal code hashes equal
+    body = "\n".join(re.sub(r"/\*[0-9a-f]{4}\*/", "", line).strip() for line in sass.splitlines() if "/*" in line)
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
+    sha = hashlib.sha1(body.encode()).hexdigest()[:12]
+    return f"regs {regs} stack {stack} sass-lines {len(body.splitlines())} sha {sha}"
 
 
-for page, same, scale in ((0, True, 1), (16, True, 1), (256, True, 1), (5, True, 1), (16, False, 2), (5, False, 2), (256, False, 2)):
+for page, same, scale in ((0, True, 1), (16, True, 1), (256, True, 1), (5, True, 1),
+                          (16, False, 2), (5, False, 2), (256, False, 2)):
     try:
         print(f"page={page:<3} same_rows={same!s:5} {case(page, same, scale)}", flush=True)
     except Exception as e:

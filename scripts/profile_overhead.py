@@ -20,6 +20,19 @@ import torch
 import tileattn
 
 
+def _train_inputs():
+    """q, k, v (requiring grad) and dout of the training-step probes: B=16, N=1k, H=16, D=128, bf16."""
+    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    return q, k, v, dout
+
+
+def _grad_step(q, k, v, dout):
+    """The benchmark's eager causal training step: ``autograd.grad`` of tileattn's output."""
+    return torch.autograd.grad(tileattn.attention(q, k, v, causal=True), (q, k, v), dout)
+
+
 def main():
     q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
     kc, vc = (torch.randn(1, 8192, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -130,9 +143,7 @@ def train_step_host(reps=10):
 
     bwd = importlib.import_module("tileattn.backends.triton.backward")
     for causal in (False, True):
-        q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        for t in (q, k, v):
-            t.requires_grad_(True)
+        q, k, v, dout = _train_inputs()
         kw = dict(scale=128 ** -0.5, window=(-1, 0) if causal else (-1, -1), softcap=0.0, alibi_slopes=None,
                   sinks=None, attn_mask=None, dropout_p=0.0, seed=0)
         out, lse = forward(q.detach(), k.detach(), v.detach(), **kw)
@@ -197,9 +208,7 @@ def train_step_phases(reps=50):
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     ops = importlib.import_module("tileattn.ops")
-    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
+    q, k, v, dout = _train_inputs()
     stamps = {}
     inner = ops._backward
 
@@ -308,9 +317,7 @@ def step_timeline(out_dir="."):
     from torch.nn.functional import scaled_dot_product_attention as sdpa
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
+    q, k, v, dout = _train_inputs()
     qt, kt, vt, dt = (t.transpose(1, 2) for t in (q, k, v, dout))
     flex = torch.compile(flex_attention, dynamic=False)
     causal_mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 1024, 1024)
@@ -361,9 +368,7 @@ def step_gaps(reps=30):
     bwd_mod = importlib.import_module("tileattn.backends.triton.backward_kernels")
     kernels = {"fwd kernel": fwd_mod._fwd_kernel, "dq kernel": bwd_mod._bwd_dq_kernel,
                "dkdv kernel": bwd_mod._bwd_dkdv_kernel}
-    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
+    q, k, v, dout = _train_inputs()
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     events, stamps = {}, {}
     fwd_impl, bwd_impl = ops.fwd_impl, ops.bwd_impl
@@ -390,7 +395,7 @@ def step_gaps(reps=30):
         return call
 
     def step():
-        return torch.autograd.grad(tileattn.attention(q, k, v, causal=True), (q, k, v), dout)
+        return _grad_step(q, k, v, dout)
 
     host_spans = (("fwd start", "fwd kernel run"), ("fwd kernel run", "fwd kernel ran"), ("fwd kernel ran", "fwd end"),
                   ("fwd end", "bwd start"), ("bwd start", "dq kernel run"), ("dq kernel run", "dq kernel ran"),
@@ -449,12 +454,10 @@ def step_cprofile(reps=50):
     """cProfile of the eager training step as the benchmark runs it (``autograd.grad``, causal
     N=1k, B=16, H=16, D=128) with autograd's device threads off, so the backward's Python is
     profiled too: the top functions by own time."""
-    q, k, v, dout = (torch.randn(16, 1024, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
+    q, k, v, dout = _train_inputs()
 
     def step():
-        return torch.autograd.grad(tileattn.attention(q, k, v, causal=True), (q, k, v), dout)
+        return _grad_step(q, k, v, dout)
 
     with torch.autograd.set_multithreading_enabled(False):
         for _ in range(5):
