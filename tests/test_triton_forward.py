@@ -232,6 +232,17 @@ def test_gpu_deterministic(device):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_alignment_change_between_calls(device):
+    """The launch fast path keys on pointer alignment: same shapes with q aligned, then 2 bytes
+    off 16-byte alignment, then aligned again each match the reference (a compiled kernel reused
+    across alignments would read misaligned vectors)."""
+    q, k, v = make_qkv(2, 97, 97, 4, 2, 64, dtype=torch.float16, device=device)
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=device)[1:].view(q.shape).copy_(q)
+    for query in (q, shifted, q):
+        _check(query, k, v, window=(-1, 0))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_pointer_path_matches_reference(device):
     q, k, v = make_qkv(2, 777, 901, 4, 2, 128, dtype=torch.bfloat16, device=device)
     _check(q, k, v, use_tma=False, window=(-1, 0))

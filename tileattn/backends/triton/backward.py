@@ -31,6 +31,7 @@ import torch
 
 from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
 from tileattn.backends.triton.forward import _ensure_tma_allocator, _strides
+from tileattn.backends.triton.launch import fast
 from tileattn.plan import autotuner, bucket, cdiv, device_target, first_misaligned, head_block
 
 LOG2E = 1.4426950408889634
@@ -113,8 +114,8 @@ def _launcher(kernel, which, configs, features):
     """(kernel to launch, direct-launch meta kwargs): an autotuner cached per feature set, or the kernel."""
     if len(configs) == 1:
         c = configs[0]
-        return kernel, dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
-    return autotuner(kernel, (which, configs, features), configs, *_TUNING[which]), {}
+        return fast(kernel), dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
+    return fast(autotuner(kernel, (which, configs, features), configs, *_TUNING[which])), {}
 
 
 # Tensor-descriptor loads pay a per-program descriptor setup: measured on the H200 (bf16, D=128,

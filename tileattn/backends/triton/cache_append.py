@@ -8,6 +8,7 @@ of a paged cache (num_blocks, page_size, Hkv, D). Positions are read on device (
 import triton
 import triton.language as tl
 
+from tileattn.backends.triton.launch import fast
 from tileattn.plan import next_pow2
 
 from .combine import _rows_mask
@@ -61,7 +62,7 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     B, Sn, Hkv, D = k_new.shape
     Dv = v_new.shape[3]
     paged = block_table is not None
-    _append_kernel[(B * Sn,)](
+    fast(_append_kernel)[(B * Sn,)](
         k_new, v_new, k_cache, v_cache, cache_seqlens, block_table,
         *k_new.stride()[:3], *v_new.stride()[:3],
         *k_cache.stride()[:3], *v_cache.stride()[:3],

@@ -9,6 +9,7 @@ in any split (and no sink) gets out = 0, lse = -inf, never NaN.
 import triton
 import triton.language as tl
 
+from tileattn.backends.triton.launch import fast
 from tileattn.plan import next_pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -70,7 +71,7 @@ def combine_splits(part_o, part_lse, sinks, out, lse):
     (natural log, no sink), sinks None or float32 (Hq,).
     """
     B, Sn, Hq, S, Dv = part_o.shape
-    _combine_kernel[(B * Sn * Hq,)](
+    fast(_combine_kernel)[(B * Sn * Hq,)](
         part_o, part_lse, sinks, out, lse,
         part_o.stride(2), part_o.stride(3), part_lse.stride(2),
         out.stride(0), out.stride(1), out.stride(2), *lse.stride(),

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tileattn.backends.triton.launch import fast
 from tileattn.plan import next_pow2
 
 from .combine import LN2, LOG2E, _rows_mask, combine_splits
@@ -272,7 +273,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, n_new, *, 
         l_strides = (*lse.stride(), 0)
     paged = block_table is not None
     left, right = window
-    _decode_kernel[(B * Hkv, splits, plan.m_blocks)](
+    fast(_decode_kernel)[(B * Hkv, splits, plan.m_blocks)](
         q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, dst_o, dst_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -28,6 +28,7 @@ import triton.language as tl
 from tileattn import plan as _plan
 from tileattn.backends.triton.common import (LOG2E, block_ranges, dropout_keep, keep_tile, load_mask_tile,
                                              load_rows, score_log2, softmax_step)
+from tileattn.backends.triton.launch import fast
 
 
 @triton.jit
@@ -252,7 +253,7 @@ def run_forward(q, k, v, fplan, *, scale, window, softcap, alibi_slopes, sinks, 
     window_left, window_right = (w if w < 0 else min(w, 2**30) for w in window)
     mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
     grid = lambda meta: (_plan.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
-    kernel = _plan.forward_kernel(_fwd_kernel, fplan)
+    kernel = fast(_plan.forward_kernel(_fwd_kernel, fplan))
     if fplan.use_tma and q.is_cuda:
         _ensure_tma_allocator()
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
