@@ -88,19 +88,19 @@ def _widths(values):
 class FastKernel:
     """``kernel[grid](*args, **kwargs)`` with the compiled kernel cached per signature.
 
-    kernel: a ``@triton.jit`` function or a ``tileattn.plan.TunedKernel`` over one (whose
-    autotuner keys are keyed exactly, so each tuning choice is its own signature).
+    kernel: a ``@triton.jit`` function, or a ``tileattn.plan.TunedKernel`` over one (``tuned``)
+    whose autotuner keys are keyed exactly, so each tuning choice is its own signature.
+    ``fn`` is the ``@triton.jit`` function either way.
     """
 
     def __init__(self, kernel):
         self.kernel = kernel
-        tuned = not isinstance(kernel, JITFunction)
-        fn = kernel.fn if tuned else kernel
-        self.tuned = tuned
-        self.arg_names = fn.arg_names
-        self.constexprs = frozenset(i for i, p in enumerate(fn.params) if p.is_constexpr)
-        tune_keys = set(kernel.tuner.keys) if tuned else set()
-        self.width_names = tuple(p.name for p in fn.params if p.do_not_specialize and p.name not in tune_keys)
+        self.tuned = not isinstance(kernel, JITFunction)
+        self.fn = kernel.fn if self.tuned else kernel
+        self.arg_names = self.fn.arg_names
+        self.constexprs = frozenset(i for i, p in enumerate(self.fn.params) if p.is_constexpr)
+        tune_keys = set(kernel.tuner.keys) if self.tuned else set()
+        self.width_names = tuple(p.name for p in self.fn.params if p.do_not_specialize and p.name not in tune_keys)
         # placeholders for the parameters after n positional ones (constexprs: the launcher skips them)
         self.constexpr_slots = [(None,) * (len(self.arg_names) - n) for n in range(len(self.arg_names) + 1)]
         self._layouts = {}
