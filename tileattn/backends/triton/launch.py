@@ -8,7 +8,7 @@ idle in a causal N=1k training step. ``fast(kernel)[grid](*args, **kwargs)`` lau
 same compiled kernel with less work once it has seen the call's *signature*:
 
 - the type of every positional argument;
-- each tensor's dtype and whether its pointer is 16-byte aligned;
+- each tensor's dtype and its pointer's offset from 16-byte alignment;
 - the exact value of every other positional argument, except ``do_not_specialize`` ints that
   are not an autotuner key: only their width (i32, i64 or u64), so a new dropout seed or
   sequence length per call still hits;
