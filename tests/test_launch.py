@@ -48,7 +48,7 @@ class SlowLaunch:
 
 
 @pytest.fixture
-def device(monkeypatch):
+def fake_device(monkeypatch):
     """Device 3 with stream handle 1003; returns a setter for the current device."""
     current = [3]
     monkeypatch.setattr(launch, "_current_device", lambda: current[0])
@@ -71,7 +71,7 @@ def _grid(meta):
     return (meta["BLOCK"] * 2, 3)
 
 
-def test_known_signature_launches_compiled_kernel(device):
+def test_known_signature_launches_compiled_kernel(fake_device):
     fast = _fast()
     args, kwargs = BASE
     assert fast[_grid](*args, **kwargs) is fast.kernel.compiled[0]
@@ -106,7 +106,7 @@ def _variants():
 
 
 @pytest.mark.parametrize("name", list(_variants()))
-def test_new_signature_takes_slow_path(device, name):
+def test_new_signature_takes_slow_path(fake_device, name):
     fast = _fast()
     fast[_grid](*BASE[0], **BASE[1])
     args, kwargs = _variants()[name]
@@ -118,16 +118,16 @@ def test_new_signature_takes_slow_path(device, name):
     assert [len(c.launches) for c in fast.kernel.compiled] == [1, 1]
 
 
-def test_device_is_part_of_signature(device):
+def test_device_is_part_of_signature(fake_device):
     fast = _fast()
     fast[_grid](*BASE[0], **BASE[1])
-    device(4)
+    fake_device(4)
     fast[_grid](*BASE[0], **BASE[1])
     fast[_grid](*BASE[0], **BASE[1])
     assert len(fast.kernel.calls) == 2 and fast.kernel.compiled[1].launches[0][3] == 1004
 
 
-def test_launch_hooks_take_slow_path(device, monkeypatch):
+def test_launch_hooks_take_slow_path(fake_device, monkeypatch):
     chain = type(knobs.runtime.launch_enter_hook)()
     chain.add(lambda metadata: None)
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
@@ -137,14 +137,14 @@ def test_launch_hooks_take_slow_path(device, monkeypatch):
     assert len(fast.kernel.calls) == 3
 
 
-def test_runtime_argument_by_keyword_is_refused(device):
+def test_runtime_argument_by_keyword_is_refused(fake_device):
     fast = _fast()
     with pytest.raises(TypeError, match="tileattn: tune must be passed positionally"):
         fast[_grid](X, Y, 5, 0.5, 7, tune=3, BLOCK=4, FLAG=True)
     assert fast.kernel.calls == []
 
 
-def test_cache_starts_over_past_its_limit(device, monkeypatch):
+def test_cache_starts_over_past_its_limit(fake_device, monkeypatch):
     monkeypatch.setattr(launch, "MAX_SIGNATURES", 3)
     fast = _fast()
     for n in range(4):
@@ -154,7 +154,7 @@ def test_cache_starts_over_past_its_limit(device, monkeypatch):
     assert len(fast.kernel.calls) == 4
 
 
-def test_tuned_kernel_keys_tuning_values_exactly(device, monkeypatch):
+def test_tuned_kernel_keys_tuning_values_exactly(fake_device, monkeypatch):
     """Over a TunedKernel, the autotuner's keys (do_not_specialize ints) are exact signature
     values, and the grid gets the tuned config's meta-parameters."""
     monkeypatch.setattr(plan, "_TUNED", {})
