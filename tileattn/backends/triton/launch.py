@@ -112,9 +112,9 @@ class FastKernel:
     def _layout(self, kinds):
         layout = self._layouts.get(kinds)
         if layout is None:
-            if not all(i in self.constexprs for i in range(len(kinds), len(self.arg_names))):
-                raise TypeError(f"tileattn: {self.arg_names[len(kinds)]} must be passed positionally "
-                                "(only constexprs by keyword)")
+            missing = [name for i, name in enumerate(self.arg_names) if i >= len(kinds) and i not in self.constexprs]
+            if missing:
+                raise TypeError(f"tileattn: {missing[0]} must be passed positionally (only constexprs by keyword)")
             layout = self._layouts[kinds] = _Layout(kinds, self.width_names, self.arg_names)
         return layout
 
@@ -153,10 +153,12 @@ class FastKernel:
 
 
 def _current_device() -> int:
+    """Triton's current device index, as ``JITFunction.run`` reads it (tests stub these two)."""
     return driver.active.get_current_device()
 
 
 def _current_stream(device: int):
+    """The raw handle of ``device``'s current torch stream, as ``JITFunction.run`` reads it."""
     return driver.active.get_current_stream(device)
 
 
