@@ -68,6 +68,8 @@ class _Layout:
 
     def __init__(self, kinds, width_names, arg_names):
         widths = {arg_names.index(name) for name in width_names}
+        # the parameters after the positional ones are constexprs: the launcher skips their values
+        self.constexpr_slots = (None,) * (len(arg_names) - len(kinds))
         self.tensor_pos = tuple(i for i, kind in enumerate(kinds) if issubclass(kind, torch.Tensor))
         self.tensors = _getter(self.tensor_pos)
         self.widths = _getter(tuple(i for i in range(len(kinds)) if i in widths and i not in self.tensor_pos))
@@ -101,8 +103,6 @@ class FastKernel:
         self.constexprs = frozenset(i for i, p in enumerate(self.fn.params) if p.is_constexpr)
         tune_keys = set(kernel.tuner.keys) if self.tuned else set()
         self.width_names = tuple(p.name for p in self.fn.params if p.do_not_specialize and p.name not in tune_keys)
-        # placeholders for the parameters after n positional ones (constexprs: the launcher skips them)
-        self.constexpr_slots = [(None,) * (len(self.arg_names) - n) for n in range(len(self.arg_names) + 1)]
         self._layouts = {}
         self._compiled = {}  # signature -> (compiled kernel, meta-parameters for the grid)
 
@@ -148,7 +148,7 @@ class FastKernel:
             launch_args[i] = ptr
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                      _current_stream(device), compiled.function, compiled.packed_metadata,
-                     None, None, None, *launch_args, *self.constexpr_slots[len(args)])
+                     None, None, None, *launch_args, *layout.constexpr_slots)
         return compiled
 
 
