@@ -1,4 +1,4 @@
-"""Triton ``forward_kvcache`` (append + split-KV decode + combine) against the oracle.
+"""Triton ``forward_kvcache`` (fused append + split-KV decode, combine) against the oracle.
 
 On CPU the kernels run in the Triton interpreter (fp32/fp16 only: bf16 tl.dot is broken
 there); ``gpu``-marked tests cover bf16, page size 256, 128k keys and CUDA-graph replay.

@@ -40,6 +40,16 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
     14.8 / 13.5, B=1 128k 140.9 / 129.6, B=64 4k 267.0 / 254.6. Page ids are scaled by the page
     stride after the broadcast: scaled before, the compiler loses the offsets' 16-byte
     divisibility and the gathers went 24-78x slower.
+
+[Note] new keys
+    New k/v (B, Sn, Hkv, D) are appended by this kernel, not by a kernel launched before it
+    (that launch cost about 2 us of a 12 us B=1 step). Each split attends its share of the new
+    keys from k_new/v_new, never from the cache, so no program reads a slot that another one
+    is writing; the cache loop stops at cache_seqlens[b]. The first BLOCK_NEW new rows are
+    loaded before cache_seqlens (their addresses do not depend on it), attended after the
+    cache loop, and stored at the end of program (b, hkv, split 0, row block 0), when the
+    page ids of their slots have long arrived; rows past BLOCK_NEW (chunked prefill) are
+    loaded tile by tile.
 """
 
 import torch
@@ -118,9 +128,66 @@ def _page_rows(page, start_n, slot_rows, stride_p, stride_s, PAGE_SIZE: tl.const
 
 
 @triton.jit
+def _attend_tile(q, k, v, offs_n, kv_ok, pos, slope, m_i, l_i, acc, scale, softcap, window_left,
+                 window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of m_i, l_i (BLOCK_M,) and acc (BLOCK_M, BLOCK_DV) with the keys k
+    (N, BLOCK_D) and values v (N, BLOCK_DV) at positions offs_n (N,); kv_ok (N,) drops keys.
+    Rows sit at key positions pos (BLOCK_M,). Returns the updated (m_i, l_i, acc)."""
+    # score pipeline (API.md order): scale, softcap, ALiBi, window/causal keep
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+    if HAS_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    if HAS_ALIBI:
+        s -= slope[:, None] * tl.abs(pos[:, None] - offs_n[None, :]).to(tl.float32)
+    keep = kv_ok[None, :]
+    if HAS_LEFT:
+        keep = keep & (offs_n[None, :] >= pos[:, None] - window_left)
+    if HAS_RIGHT:
+        keep = keep & (offs_n[None, :] <= pos[:, None] + window_right)
+    s = tl.where(keep, s * LOG2E, float("-inf"))
+
+    # online softmax, see [Note] fully masked rows
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _load_new(base, offs_j, j_ok, stride_s, offs_d, DIM: tl.constexpr, BLOCK: tl.constexpr, CACHE):
+    """New keys (or values) j = offs_j (N,) of one KV head, (N, BLOCK) in CACHE's dtype."""
+    x = tl.load(base + offs_j.to(tl.int64)[:, None] * stride_s + offs_d[None, :],
+                mask=_rows_mask(j_ok, offs_d, DIM, BLOCK), other=0.0)
+    return x.to(CACHE.dtype.element_ty)
+
+
+@triton.jit
+def _new_rows(p, p_ok, bt_base, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_SIZE: tl.constexpr):
+    """int64 (N,) offsets of cache positions p (N,) in K and V: rows of the sequence's
+    contiguous cache, or slots of the pages its block-table row (bt_base) names."""
+    if PAGE_SIZE == 0:
+        return p.to(tl.int64) * stride_ks, p.to(tl.int64) * stride_vs
+    else:
+        page = tl.load(bt_base + p // PAGE_SIZE, mask=p_ok, other=0).to(tl.int64)
+        slot = (p % PAGE_SIZE).to(tl.int64)
+        return page * stride_kb + slot * stride_ks, page * stride_vb + slot * stride_vs
+
+
+@triton.jit
+def _store_rows(base, rows, x, row_ok, offs_d, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Store x (N, BLOCK) at base + rows (N,) (columns offs_d; rows with row_ok False skipped)."""
+    tl.store(base + rows[:, None] + offs_d[None, :], x, mask=_rows_mask(row_ok, offs_d, DIM, BLOCK))
+
+
+@triton.jit
 def _decode_kernel(
-    Q, K, V, SEQLENS, BLOCK_TABLE, ALIBI, SINKS, OUT, LSE,
+    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, ALIBI, SINKS, OUT, LSE,
     stride_qb, stride_qs, stride_qh,
+    stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
     stride_kb, stride_ks, stride_kh,  # paged: page, slot, head
     stride_vb, stride_vs, stride_vh,
     stride_btb, stride_ab, stride_ah, stride_sink,
@@ -128,12 +195,14 @@ def _decode_kernel(
     stride_lb, stride_lh, stride_ls, stride_lsplit,
     Hkv, Sn, n_new, scale, softcap, window_left, window_right,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, KV_SAME_ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NEW: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HAS_NEW: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_SAME_ROWS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One (b, hkv, split, row block): partial attention of BLOCK_M packed rows over its keys.
+    """One (b, hkv, split, row block): partial attention of BLOCK_M packed rows over its keys;
+    with new keys (HAS_NEW), program (b, hkv, 0, 0) also appends them (see [Note] new keys).
 
     SPLIT: write the normalized partial out (fp32) and its natural-log lse (no sink) to the
     workspace at split index pid_s; otherwise write the final out (OUT's dtype) and lse.
@@ -154,11 +223,19 @@ def _decode_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b * stride_qb + t.to(tl.int64)[:, None] * stride_qs + h[:, None] * stride_qh
                 + offs_d[None, :], mask=_rows_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+    slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0)
+    if HAS_NEW:  # issued before the length load: their addresses do not depend on it
+        offs_j = tl.arange(0, BLOCK_NEW)
+        kn_base = K_NEW + b * stride_knb + hkv * stride_knh
+        vn_base = V_NEW + b * stride_vnb + hkv * stride_vnh
+        k_new = _load_new(kn_base, offs_j, offs_j < n_new, stride_kns, offs_d, HEAD_DIM, BLOCK_D, K)
+        v_new = _load_new(vn_base, offs_j, offs_j < n_new, stride_vns, offs_dv, HEAD_DIM_V, BLOCK_DV, V)
 
     # keys this row block may keep: [lo, hi), tile-aligned; this split's run of whole tiles
-    Sk = tl.load(SEQLENS + b) + n_new
+    Sk_old = tl.load(SEQLENS + b)
+    Sk = Sk_old + n_new
     off = Sk - Sn
     pos = t + off
     lo = 0
@@ -179,21 +256,26 @@ def _decode_kernel(
     if PAGE_SIZE == 0:
         k_base += b * stride_kb
         v_base += b * stride_vb
+        bt_base = BLOCK_TABLE  # None
     else:  # see [Note] page ids
         bt_base = BLOCK_TABLE + b * stride_btb
         k_slots = _slot_rows(stride_ks, PAGE_SIZE, BLOCK_N)
         v_slots = _slot_rows(stride_vs, PAGE_SIZE, BLOCK_N)
+    if HAS_NEW:  # the first BLOCK_NEW new rows' cache offsets, used after the loop
+        new_k_rows, new_v_rows = _new_rows(Sk_old + offs_j, offs_j < n_new, bt_base, stride_kb, stride_ks,
+                                           stride_vb, stride_vs, PAGE_SIZE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start_n in range(start, end, BLOCK_N):
+    cache_end = tl.minimum(end, Sk_old)
+    for start_n in range(start, cache_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = offs_n < end
+        kv_ok = offs_n < cache_end
         if PAGE_SIZE == 0:
             k_rows = offs_n.to(tl.int64) * stride_ks
         else:
-            page = _page_ids(bt_base, start_n, end, PAGE_SIZE, BLOCK_N)
+            page = _page_ids(bt_base, start_n, cache_end, PAGE_SIZE, BLOCK_N)
             k_rows = _page_rows(page, start_n, k_slots, stride_kb, stride_ks, PAGE_SIZE, BLOCK_N)
         if KV_SAME_ROWS:
             v_rows = k_rows
@@ -205,28 +287,39 @@ def _decode_kernel(
                     mask=_rows_mask(kv_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],
                     mask=_rows_mask(kv_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
+        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, kv_ok, pos, slope, m_i, l_i, acc, scale, softcap,
+                                     window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                     HAS_ALIBI, DOT_PRECISION)
 
-        # score pipeline (API.md order): scale, softcap, ALiBi, window/causal keep
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        if HAS_ALIBI:
-            s -= slope[:, None] * tl.abs(pos[:, None] - offs_n[None, :]).to(tl.float32)
-        keep = kv_ok[None, :]
-        if HAS_LEFT:
-            keep = keep & (offs_n[None, :] >= pos[:, None] - window_left)
-        if HAS_RIGHT:
-            keep = keep & (offs_n[None, :] <= pos[:, None] + window_right)
-        s = tl.where(keep, s * LOG2E, float("-inf"))
-
-        # online softmax, see [Note] fully masked rows
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if HAS_NEW:  # see [Note] new keys
+        new_lo = tl.maximum(start - Sk_old, 0)  # this split's new keys: j in [new_lo, new_hi)
+        new_hi = tl.minimum(end - Sk_old, n_new)
+        if (new_lo < BLOCK_NEW) & (new_lo < new_hi):
+            offs_n = Sk_old + offs_j
+            kv_ok = (offs_j >= new_lo) & (offs_j < new_hi)
+            m_i, l_i, acc = _attend_tile(q, k_new, v_new, offs_n, kv_ok, pos, slope, m_i, l_i, acc, scale,
+                                         softcap, window_left, window_right, HAS_LEFT, HAS_RIGHT,
+                                         HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
+        for j0 in range(tl.maximum(new_lo, BLOCK_NEW), new_hi, BLOCK_NEW):  # Sn > BLOCK_NEW only
+            offs_jn = j0 + offs_j
+            kv_ok = offs_jn < new_hi
+            k = _load_new(kn_base, offs_jn, kv_ok, stride_kns, offs_d, HEAD_DIM, BLOCK_D, K)
+            v = _load_new(vn_base, offs_jn, kv_ok, stride_vns, offs_dv, HEAD_DIM_V, BLOCK_DV, V)
+            m_i, l_i, acc = _attend_tile(q, k, v, Sk_old + offs_jn, kv_ok, pos, slope, m_i, l_i, acc,
+                                         scale, softcap, window_left, window_right, HAS_LEFT, HAS_RIGHT,
+                                         HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
+        if (pid_s == 0) & (pid_m == 0):  # one program per (b, hkv) appends the new keys
+            _store_rows(k_base, new_k_rows, k_new, offs_j < n_new, offs_d, HEAD_DIM, BLOCK_D)
+            _store_rows(v_base, new_v_rows, v_new, offs_j < n_new, offs_dv, HEAD_DIM_V, BLOCK_DV)
+            for j0 in range(BLOCK_NEW, n_new, BLOCK_NEW):
+                offs_jn = j0 + offs_j
+                j_ok = offs_jn < n_new
+                k_rows, v_rows = _new_rows(Sk_old + offs_jn, j_ok, bt_base, stride_kb, stride_ks, stride_vb,
+                                           stride_vs, PAGE_SIZE)
+                _store_rows(k_base, k_rows, _load_new(kn_base, offs_jn, j_ok, stride_kns, offs_d, HEAD_DIM,
+                                                      BLOCK_D, K), j_ok, offs_d, HEAD_DIM, BLOCK_D)
+                _store_rows(v_base, v_rows, _load_new(vn_base, offs_jn, j_ok, stride_vns, offs_dv, HEAD_DIM_V,
+                                                      BLOCK_DV, V), j_ok, offs_dv, HEAD_DIM_V, BLOCK_DV)
 
     if not SPLIT:  # sinks add exp(sink) to the denominator only (split partials: in combine)
         if HAS_SINKS:
@@ -247,13 +340,16 @@ def _decode_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + t64 * stride_ls + pid_s * stride_lsplit, lse, mask=row_ok)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, n_new, *, scale, window, softcap,
-                     alibi_slopes, sinks, plan):
-    """Attend q (B, Sn, Hq, D) to the first cache_seqlens[b] + n_new keys of each sequence.
+def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, *, scale, window,
+                     softcap, alibi_slopes, sinks, plan):
+    """Append k_new/v_new to the caches, then attend q (B, Sn, Hq, D) to the first
+    cache_seqlens[b] (+ Sn with new keys) keys of each sequence.
 
     k_cache/v_cache: (B, Smax, Hkv, D[v]) with block_table None, or paged (num_blocks,
     page_size, Hkv, D[v]) with block_table int32 (B, max_blocks); any strides, last dim
-    stride 1. cache_seqlens int32 (B,) on device (never read on the host). ``plan`` is a
+    stride 1. k_new/v_new: None, or (B, Sn, Hkv, D[v]) with last dim stride 1, written in
+    place at positions cache_seqlens[b] .. + Sn (the caller checked the capacity).
+    cache_seqlens int32 (B,) on device (never read on the host). ``plan`` is a
     :class:`tileattn.backends.triton.kvcache.DecodePlan`. Returns out (B, Sn, Hq, Dv) in
     q.dtype (contiguous) and lse (B, Hq, Sn) float32 (natural log, sink included).
     """
@@ -272,20 +368,22 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, n_new, *, 
         o_strides = (*out.stride()[:3], 0)
         l_strides = (*lse.stride(), 0)
     paged = block_table is not None
+    has_new = k_new is not None
     left, right = window
     fast(_decode_kernel)[(B * Hkv, splits, plan.m_blocks)](
-        q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, dst_o, dst_lse,
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, alibi_slopes, sinks, dst_o, dst_lse,
         q.stride(0), q.stride(1), q.stride(2),
+        *(k_new.stride()[:3] if has_new else (0, 0, 0)), *(v_new.stride()[:3] if has_new else (0, 0, 0)),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_table.stride(0) if paged else 0,
         *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
         sinks.stride(0) if sinks is not None else 0,
         *o_strides, *l_strides,
-        Hkv, Sn, n_new, scale, softcap, left, right,
+        Hkv, Sn, Sn if has_new else 0, scale, softcap, left, right,
         G=Hq // Hkv, HEAD_DIM=D, HEAD_DIM_V=Dv,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        BLOCK_D=next_pow2(D), BLOCK_DV=next_pow2(Dv),
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_NEW=min(plan.block_n, max(16, next_pow2(Sn))),
+        BLOCK_D=next_pow2(D), BLOCK_DV=next_pow2(Dv), HAS_NEW=has_new,
         PAGE_SIZE=k_cache.shape[1] if paged else 0, NUM_SPLITS=splits, SPLIT=splits > 1,
         KV_SAME_ROWS=k_cache.stride()[:2] == v_cache.stride()[:2],
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,

@@ -3,8 +3,8 @@
 Plan: block sizes, row blocks and the split count depend on shapes, dtype, cache capacity
 and the SM count only -- never on device values -- so one plan serves every layer of a
 decode step and a captured CUDA graph can be replayed with new ``cache_seqlens``.
-Run: :func:`~.cache_append.append_kv` (when new k/v are given), then
-:func:`~.decode.decode_attention` (+ the combine kernel when the plan has several splits).
+Run: :func:`~.decode.decode_attention` appends new k/v and attends in one kernel (+ the
+combine kernel when the plan has several splits).
 
     >>> q = torch.randn(2, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
     >>> kc, vc = (torch.zeros(2, 4096, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
@@ -24,7 +24,6 @@ import triton
 
 from tileattn._checks import cache_capacity
 
-from .cache_append import append_kv
 from .decode import decode_attention
 
 MIN_KEYS_PER_SPLIT = 256  # below this a split's prologue/epilogue outweighs its KV reads
@@ -118,9 +117,7 @@ def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_t
     cache_seqlens int32 (B,) on device. Query head h reads KV head h // (Hq // Hkv).
     Returns out (B, Sn, Hq, Dv) in q.dtype and lse (B, Hq, Sn) float32.
     """
-    if k_new is not None:
-        append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     plan = plan_kvcache(q, k_cache, v_cache, block_table, num_splits)
-    return decode_attention(q, k_cache, v_cache, cache_seqlens, block_table,
-                            q.shape[1] if k_new is not None else 0, scale=scale, window=window,
-                            softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, plan=plan)
+    return decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale=scale,
+                            window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                            plan=plan)
