@@ -44,19 +44,21 @@ def build(vals, consts):
     return ASTSource(fn, sig, cx, attrs)
 
 
-def case(page, same_rows, vstride_scale=1):
+def case(page, same_rows, vstride_scale=1, splits=16):
     """Compile one layout (page 0 = contiguous); V's page/slot strides scaled when not same_rows."""
     ks = ((page or 4096) * 8 * 128, 8 * 128, 128)  # page (or sequence), slot (or key), head
     vs = tuple(s * vstride_scale for s in ks[:2]) + (ks[2],) if not same_rows else ks
-    vals = dict(Q="*bf16", K="*bf16", V="*bf16", SEQLENS="*i32", BLOCK_TABLE="*i32" if page else None,
+    vals = dict(Q="*bf16", K="*bf16", V="*bf16", K_NEW="*bf16", V_NEW="*bf16", SEQLENS="*i32", BLOCK_TABLE="*i32" if page else None,
                 ALIBI=None, SINKS=None, OUT="*fp32", LSE="*fp32",
-                stride_qb=4096, stride_qs=4096, stride_qh=128, stride_kb=ks[0], stride_ks=ks[1], stride_kh=ks[2],
+                stride_qb=4096, stride_qs=4096, stride_qh=128, stride_knb=1024, stride_kns=1024,
+                stride_knh=128, stride_vnb=1024, stride_vns=1024, stride_vnh=128, stride_kb=ks[0], stride_ks=ks[1], stride_kh=ks[2],
                 stride_vb=vs[0], stride_vs=vs[1], stride_vh=vs[2], stride_btb=256, stride_ab=0, stride_ah=0,
                 stride_sink=0, stride_ob=65536, stride_os=65536, stride_oh=2048, stride_osplit=128,
                 stride_lb=512, stride_lh=16, stride_ls=512, stride_lsplit=1, Hkv=8, Sn=1, n_new=1,
                 scale=0.088, softcap=0.0, window_left=-1, window_right=0)
-    consts = dict(G=4, HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_M=16, BLOCK_N=128, BLOCK_D=128, BLOCK_DV=128,
-                  PAGE_SIZE=page, KV_SAME_ROWS=same_rows, NUM_SPLITS=16, SPLIT=True, HAS_LEFT=False,
+    consts = dict(G=4, HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_M=16, BLOCK_N=128, BLOCK_NEW=16, BLOCK_D=128,
+                  BLOCK_DV=128, HAS_NEW=True, PAGE_SIZE=page, KV_SAME_ROWS=same_rows, NUM_SPLITS=splits,
+                  SPLIT=splits > 1, HAS_LEFT=False,
                   HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, DOT_PRECISION="tf32")
     src = build(vals, consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, num_stages=5 if page else 3))
@@ -69,14 +71,17 @@ def case(page, same_rows, vstride_scale=1):
                      for flag in ("-sass", "-res-usage"))
     # instructions without their addresses, so equal code hashes equal
     body = "\n".join(re.sub(r"/\*[0-9a-f]{4}\*/", "", line).strip() for line in sass.splitlines() if "/*" in line)
+    if os.environ.get("SASS_DIR"):  # keep the SASS for a closer look
+        with open(os.path.join(os.environ["SASS_DIR"], f"page{page}-{same_rows}-{vstride_scale}.sass"), "w") as f:
+            f.write(sass)
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
     sha = hashlib.sha1(body.encode()).hexdigest()[:12]
-    return f"regs {regs} stack {stack} sass-lines {len(body.splitlines())} sha {sha}"
+    return f"regs {regs} stack {stack} smem {k.metadata.shared} sass-lines {len(body.splitlines())} sha {sha}"
 
 
-for page, same, scale in ((0, True, 1), (16, True, 1), (256, True, 1), (5, True, 1),
-                          (16, False, 2), (5, False, 2), (256, False, 2)):
+for splits in (16, 1):
+  for page, same, scale in ((0, True, 1), (16, True, 1), (256, True, 1), (5, True, 1), (16, False, 2)):
     try:
-        print(f"page={page:<3} same_rows={same!s:5} {case(page, same, scale)}", flush=True)
+        print(f"splits={splits:<2} page={page:<3} same_rows={same!s:5} {case(page, same, scale, splits)}", flush=True)
     except Exception as e:
         print(f"page={page} same_rows={same}: {type(e).__name__}: {str(e)[:300]}", flush=True)
