@@ -261,13 +261,30 @@ def _decode_kernel(
         bt_base = BLOCK_TABLE + b * stride_btb
         k_slots = _slot_rows(stride_ks, PAGE_SIZE, BLOCK_N)
         v_slots = _slot_rows(stride_vs, PAGE_SIZE, BLOCK_N)
-    if HAS_NEW:  # the first BLOCK_NEW new rows' cache offsets, used after the loop
-        new_k_rows, new_v_rows = _new_rows(Sk_old + offs_j, offs_j < n_new, bt_base, stride_kb, stride_ks,
-                                           stride_vb, stride_vs, PAGE_SIZE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if HAS_NEW:  # this split's new keys j in [new_lo, new_hi), see [Note] new keys
+        new_lo = tl.maximum(start - Sk_old, 0)
+        new_hi = tl.minimum(end - Sk_old, n_new)
+        if (new_lo < BLOCK_NEW) & (new_lo < new_hi):
+            kv_ok = (offs_j >= new_lo) & (offs_j < new_hi)
+            m_i, l_i, acc = _attend_tile(q, k_new, v_new, Sk_old + offs_j, kv_ok, pos, slope, m_i, l_i, acc,
+                                         scale, softcap, window_left, window_right, HAS_LEFT, HAS_RIGHT,
+                                         HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
+        for j0 in range(tl.maximum(new_lo, BLOCK_NEW), new_hi, BLOCK_NEW):  # Sn > BLOCK_NEW only
+            offs_jn = j0 + offs_j
+            kv_ok = offs_jn < new_hi
+            k = _load_new(kn_base, offs_jn, kv_ok, stride_kns, offs_d, HEAD_DIM, BLOCK_D, K)
+            v = _load_new(vn_base, offs_jn, kv_ok, stride_vns, offs_dv, HEAD_DIM_V, BLOCK_DV, V)
+            m_i, l_i, acc = _attend_tile(q, k, v, Sk_old + offs_jn, kv_ok, pos, slope, m_i, l_i, acc,
+                                         scale, softcap, window_left, window_right, HAS_LEFT, HAS_RIGHT,
+                                         HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
+        # cache offsets of the first BLOCK_NEW new rows, for the append after the loop
+        new_k_rows, new_v_rows = _new_rows(Sk_old + offs_j, offs_j < n_new, bt_base, stride_kb, stride_ks,
+                                           stride_vb, stride_vs, PAGE_SIZE)
+
     cache_end = tl.minimum(end, Sk_old)
     for start_n in range(start, cache_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -291,31 +308,16 @@ def _decode_kernel(
                                      window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                                      HAS_ALIBI, DOT_PRECISION)
 
-    if HAS_NEW:  # see [Note] new keys
-        new_lo = tl.maximum(start - Sk_old, 0)  # this split's new keys: j in [new_lo, new_hi)
-        new_hi = tl.minimum(end - Sk_old, n_new)
-        if (new_lo < BLOCK_NEW) & (new_lo < new_hi):
-            offs_n = Sk_old + offs_j
-            kv_ok = (offs_j >= new_lo) & (offs_j < new_hi)
-            m_i, l_i, acc = _attend_tile(q, k_new, v_new, offs_n, kv_ok, pos, slope, m_i, l_i, acc, scale,
-                                         softcap, window_left, window_right, HAS_LEFT, HAS_RIGHT,
-                                         HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
-        for j0 in range(tl.maximum(new_lo, BLOCK_NEW), new_hi, BLOCK_NEW):  # Sn > BLOCK_NEW only
-            offs_jn = j0 + offs_j
-            kv_ok = offs_jn < new_hi
-            k = _load_new(kn_base, offs_jn, kv_ok, stride_kns, offs_d, HEAD_DIM, BLOCK_D, K)
-            v = _load_new(vn_base, offs_jn, kv_ok, stride_vns, offs_dv, HEAD_DIM_V, BLOCK_DV, V)
-            m_i, l_i, acc = _attend_tile(q, k, v, Sk_old + offs_jn, kv_ok, pos, slope, m_i, l_i, acc,
-                                         scale, softcap, window_left, window_right, HAS_LEFT, HAS_RIGHT,
-                                         HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
+    if HAS_NEW:
         if (pid_s == 0) & (pid_m == 0):  # one program per (b, hkv) appends the new keys
-            _store_rows(k_base, new_k_rows, k_new, offs_j < n_new, offs_d, HEAD_DIM, BLOCK_D)
-            _store_rows(v_base, new_v_rows, v_new, offs_j < n_new, offs_dv, HEAD_DIM_V, BLOCK_DV)
-            for j0 in range(BLOCK_NEW, n_new, BLOCK_NEW):
+            for j0 in range(0, n_new, BLOCK_NEW):
                 offs_jn = j0 + offs_j
                 j_ok = offs_jn < n_new
-                k_rows, v_rows = _new_rows(Sk_old + offs_jn, j_ok, bt_base, stride_kb, stride_ks, stride_vb,
-                                           stride_vs, PAGE_SIZE)
+                if j0 == 0:
+                    k_rows, v_rows = new_k_rows, new_v_rows
+                else:
+                    k_rows, v_rows = _new_rows(Sk_old + offs_jn, j_ok, bt_base, stride_kb, stride_ks,
+                                               stride_vb, stride_vs, PAGE_SIZE)
                 _store_rows(k_base, k_rows, _load_new(kn_base, offs_jn, j_ok, stride_kns, offs_d, HEAD_DIM,
                                                       BLOCK_D, K), j_ok, offs_d, HEAD_DIM, BLOCK_D)
                 _store_rows(v_base, v_rows, _load_new(vn_base, offs_jn, j_ok, stride_vns, offs_dv, HEAD_DIM_V,
