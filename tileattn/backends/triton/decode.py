@@ -43,13 +43,15 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
 
 [Note] new keys
     New k/v (B, Sn, Hkv, D) are appended by this kernel, not by a kernel launched before it
-    (that launch cost about 2 us of a 12 us B=1 step). Each split attends its share of the new
+    (that launch cost about 1 us of a 12 us B=1 step). Each split attends its share of the new
     keys from k_new/v_new, never from the cache, so no program reads a slot that another one
     is writing; the cache loop stops at cache_seqlens[b]. The first BLOCK_NEW new rows are
-    loaded before cache_seqlens (their addresses do not depend on it), attended after the
-    cache loop, and stored at the end of program (b, hkv, split 0, row block 0), when the
-    page ids of their slots have long arrived; rows past BLOCK_NEW (chunked prefill) are
-    loaded tile by tile.
+    loaded before cache_seqlens (their addresses do not depend on it) and attended before the
+    cache loop; rows past BLOCK_NEW (chunked prefill) are loaded tile by tile. Program
+    (b, hkv, split 0, row block 0) then stores them, also before the loop, from a reload that
+    hits in cache. Nothing of the new rows stays live through the loop: holding k_new/v_new
+    in registers until after it (a first version) left paged B=64/4k 13% slower, and storing
+    after the loop 1-2% slower at B=64 than storing before it (H200, h200-decode-fused-append-*).
 """
 
 import torch
@@ -281,9 +283,24 @@ def _decode_kernel(
             m_i, l_i, acc = _attend_tile(q, k, v, Sk_old + offs_jn, kv_ok, pos, slope, m_i, l_i, acc,
                                          scale, softcap, window_left, window_right, HAS_LEFT, HAS_RIGHT,
                                          HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
-        # cache offsets of the first BLOCK_NEW new rows, for the append after the loop
+        # cache offsets of the first BLOCK_NEW new rows, for the append below
         new_k_rows, new_v_rows = _new_rows(Sk_old + offs_j, offs_j < n_new, bt_base, stride_kb, stride_ks,
                                            stride_vb, stride_vs, PAGE_SIZE)
+
+    if HAS_NEW:
+        if (pid_s == 0) & (pid_m == 0):  # one program per (b, hkv) appends the new keys
+            for j0 in range(0, n_new, BLOCK_NEW):
+                offs_jn = j0 + offs_j
+                j_ok = offs_jn < n_new
+                if j0 == 0:
+                    k_rows, v_rows = new_k_rows, new_v_rows
+                else:
+                    k_rows, v_rows = _new_rows(Sk_old + offs_jn, j_ok, bt_base, stride_kb, stride_ks,
+                                               stride_vb, stride_vs, PAGE_SIZE)
+                _store_rows(k_base, k_rows, _load_new(kn_base, offs_jn, j_ok, stride_kns, offs_d, HEAD_DIM,
+                                                      BLOCK_D, K), j_ok, offs_d, HEAD_DIM, BLOCK_D)
+                _store_rows(v_base, v_rows, _load_new(vn_base, offs_jn, j_ok, stride_vns, offs_dv, HEAD_DIM_V,
+                                                      BLOCK_DV, V), j_ok, offs_dv, HEAD_DIM_V, BLOCK_DV)
 
     cache_end = tl.minimum(end, Sk_old)
     for start_n in range(start, cache_end, BLOCK_N):
@@ -307,21 +324,6 @@ def _decode_kernel(
         m_i, l_i, acc = _attend_tile(q, k, v, offs_n, kv_ok, pos, slope, m_i, l_i, acc, scale, softcap,
                                      window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
                                      HAS_ALIBI, DOT_PRECISION)
-
-    if HAS_NEW:
-        if (pid_s == 0) & (pid_m == 0):  # one program per (b, hkv) appends the new keys
-            for j0 in range(0, n_new, BLOCK_NEW):
-                offs_jn = j0 + offs_j
-                j_ok = offs_jn < n_new
-                if j0 == 0:
-                    k_rows, v_rows = new_k_rows, new_v_rows
-                else:
-                    k_rows, v_rows = _new_rows(Sk_old + offs_jn, j_ok, bt_base, stride_kb, stride_ks,
-                                               stride_vb, stride_vs, PAGE_SIZE)
-                _store_rows(k_base, k_rows, _load_new(kn_base, offs_jn, j_ok, stride_kns, offs_d, HEAD_DIM,
-                                                      BLOCK_D, K), j_ok, offs_d, HEAD_DIM, BLOCK_D)
-                _store_rows(v_base, v_rows, _load_new(vn_base, offs_jn, j_ok, stride_vns, offs_dv, HEAD_DIM_V,
-                                                      BLOCK_DV, V), j_ok, offs_dv, HEAD_DIM_V, BLOCK_DV)
 
     if not SPLIT:  # sinks add exp(sink) to the denominator only (split partials: in combine)
         if HAS_SINKS:
