@@ -1,5 +1,5 @@
 """Offline sm_90 compile of the decode kernel (no GPU needed): registers, stack and a hash of the
-SASS for the benchmark's decode shape (bf16, Hq=32, Hkv=8, D=128, one new token, 16 splits) over
+SASS for the benchmark's decode shape (bf16, Hq=32, Hkv=8, D=128, one new token, 16 and 1 splits) over
 contiguous and paged caches, K/V sharing row offsets or not. Compare two trees' kernels:
 
     python scripts/decode_sass.py .            # this tree
