@@ -72,7 +72,8 @@ def case(page, same_rows, vstride_scale=1, splits=16):
     # instructions without their addresses, so equal code hashes equal
     body = "\n".join(re.sub(r"/\*[0-9a-f]{4}\*/", "", line).strip() for line in sass.splitlines() if "/*" in line)
     if os.environ.get("SASS_DIR"):  # keep the SASS for a closer look
-        with open(os.path.join(os.environ["SASS_DIR"], f"page{page}-{same_rows}-{vstride_scale}.sass"), "w") as f:
+        name = f"splits{splits}-page{page}-{same_rows}-{vstride_scale}.sass"
+        with open(os.path.join(os.environ["SASS_DIR"], name), "w") as f:
             f.write(sass)
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
     sha = hashlib.sha1(body.encode()).hexdigest()[:12]
@@ -80,8 +81,9 @@ def case(page, same_rows, vstride_scale=1, splits=16):
 
 
 for splits in (16, 1):
-  for page, same, scale in ((0, True, 1), (16, True, 1), (256, True, 1), (5, True, 1), (16, False, 2)):
-    try:
-        print(f"splits={splits:<2} page={page:<3} same_rows={same!s:5} {case(page, same, scale, splits)}", flush=True)
-    except Exception as e:
-        print(f"page={page} same_rows={same}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    for page, same, scale in ((0, True, 1), (16, True, 1), (256, True, 1), (5, True, 1), (16, False, 2)):
+        label = f"splits={splits:<2} page={page:<3} same_rows={same!s:5}"
+        try:
+            print(f"{label} {case(page, same, scale, splits)}", flush=True)
+        except Exception as e:
+            print(f"{label}: {type(e).__name__}: {str(e)[:300]}", flush=True)

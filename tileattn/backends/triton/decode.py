@@ -48,10 +48,12 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
     is writing; the cache loop stops at cache_seqlens[b]. The first BLOCK_NEW new rows are
     loaded before cache_seqlens (their addresses do not depend on it) and attended before the
     cache loop; rows past BLOCK_NEW (chunked prefill) are loaded tile by tile. Program
-    (b, hkv, split 0, row block 0) then stores them, also before the loop, from a reload that
-    hits in cache. Nothing of the new rows stays live through the loop: holding k_new/v_new
-    in registers until after it (a first version) left paged B=64/4k 13% slower, and storing
-    after the loop 1-2% slower at B=64 than storing before it (H200, h200-decode-fused-append-*).
+    (b, hkv, split 0, row block 0) then stores them, also before the loop, from a second load
+    of rows it has just read (not timed apart: reusing k_new/v_new changes the kernel's code
+    and needs a GPU run). Nothing of the new rows stays live through the loop: holding
+    k_new/v_new in registers until after it (a first version) left paged B=64/4k 13% slower,
+    and storing after the loop was 1-2% slower at B=64 than storing before it (H200,
+    h200-decode-fused-append-*).
 """
 
 import torch
