@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check on the H100 device machine: GPU facts, the test suite, the benchmark sets, report.
+# GPU check on the H200 machine (sm_90): GPU facts, the test suite, the benchmark sets, report.
+# The one GPU script; one-off measurements live in benchmarks/probes/ (docs/performance.md, method).
 #
 #   bash scripts/gpu_check.sh                  # from the repo root; writes to $OUT (default ./gpu_out)
 #   TESTS=skip SETS=prefill FILTER='D=128' bash scripts/gpu_check.sh

@@ -1,10 +1,11 @@
 """Backward kernel times, tileattn vs FlexAttention (bf16, D=128, H=16, 16k tokens per batch).
 
-    python scripts/bwd_kernel_profile.py [N ...]            # default 4096 16384; CUDA only
+    python3 benchmarks/probes/bwd_kernel_profile.py [N ...]   # default 4096 16384; CUDA only
 
 For each N and causal off/on: one warm ``loss.backward()`` per provider, then the CUDA time of
 every kernel of 5 more under ``torch.profiler`` (us per call, summed per kernel name), so the
-gap to Flex can be split between tileattn's dQ and dK/dV kernels.
+gap to Flex can be split between tileattn's dQ and dK/dV kernels. Public API only
+(``tileattn.attention`` + ``torch.profiler``).
 """
 
 import sys

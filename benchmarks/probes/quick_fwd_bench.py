@@ -1,4 +1,11 @@
-"""Quick forward-only TFLOP/s of tileattn vs SDPA flash/cuDNN (bf16, H100) without autograd."""
+"""Quick forward-only TFLOP/s of tileattn vs SDPA flash/cuDNN (bf16, CUDA) without autograd.
+
+    python3 benchmarks/probes/quick_fwd_bench.py [D ...]     # default 64 128 256; CUDA only
+
+16k tokens per batch (B = 16384 // N), N = 1k/4k/16k, H = 2048 // D, causal off/on; public API
+only. A sanity check in a minute; the numbers that go in docs/performance.md come from
+``python3 -m benchmarks.run --set prefill`` (same inputs for every peer, L2 flushed, JSON).
+"""
 
 import sys
 

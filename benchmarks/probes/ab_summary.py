@@ -1,6 +1,6 @@
-"""One line per benchmark case across the trees and rounds of ``scripts/ab_trees.sh``.
+"""One line per benchmark case across the trees and rounds of ``benchmarks/probes/ab_trees.sh``.
 
-    python3 scripts/ab_summary.py $OUT          # reads $OUT/<tree>/<round>/*.json
+    python3 benchmarks/probes/ab_summary.py $OUT          # reads $OUT/<tree>/<round>/*.json
 
 Prints each case's value per tree, rounds joined by "/": TFLOP/s for prefill rows, CUDA-graph
 microseconds for decode rows (lower is better), and each tree's best round over main's best
