@@ -14,6 +14,7 @@ from helpers import assert_close, cu_seqlens, make_qkv
 from tileattn import _philox, reference
 from tileattn.backends import cpu
 from tileattn.backends.cpu import _tiles
+from tileattn.score import ScoreSpec
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -64,9 +65,9 @@ def _check(q, k, v, kw, varlen=None, mask_grad=False, finite_only=()):
     """
     vkw = {} if varlen is None else dict(cu_seqlens_q=varlen[0], cu_seqlens_k=varlen[1],
                                          max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0])
-    out, lse = cpu.forward(q, k, v, **kw, **vkw)
+    out, lse = cpu.forward(q, k, v, ScoreSpec(**kw), **vkw)
     dout = torch.randn_like(out)
-    grads = cpu.backward(dout, q, k, v, out, lse, **kw, **vkw, deterministic=True, mask_grad=mask_grad)
+    grads = cpu.backward(dout, q, k, v, out, lse, ScoreSpec(**kw), **vkw, deterministic=True, mask_grad=mask_grad)
     hi = _reference(q, k, v, dout, kw, True, varlen)
     lo = _reference(q, k, v, dout, kw, False, varlen) if q.dtype != F32 else hi
     names = ("out", "lse", "dq", "dk", "dv", "dsinks", "dmask")
@@ -251,8 +252,8 @@ def test_strides_bitwise(layout, features):
     dout = torch.randn(B, S, Hq, D + 8)[..., :D]
     runs = []
     for args in ((q, k, v, dout), tuple(x.contiguous() for x in (q, k, v, dout))) * 2:
-        out, lse = cpu.forward(*args[:3], **kw)
-        runs.append((out, lse, *cpu.backward(args[3], *args[:3], out, lse, **kw, deterministic=True,
+        out, lse = cpu.forward(*args[:3], ScoreSpec(**kw))
+        runs.append((out, lse, *cpu.backward(args[3], *args[:3], out, lse, ScoreSpec(**kw), deterministic=True,
                                              mask_grad=False)[:4]))
     for run in runs[1:]:
         for a, b in zip(runs[0], run):

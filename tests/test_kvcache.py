@@ -15,6 +15,7 @@ from hypothesis import given, strategies as st
 import tileattn
 from tileattn import backends, kvcache, reference
 from tileattn.backends.cpu import decode
+from tileattn.score import ScoreSpec
 
 from helpers import assert_close, randn
 
@@ -71,10 +72,11 @@ def _run(q, k_cache, v_cache, k_new, v_new, lens, *, block_size=None, causal=Tru
         kb, vb, table = _paged(k_cache, v_cache, block_size, used)
     left, right = window
     out, lse = decode.forward_kvcache(
-        q, kb, vb, k_new, v_new, cache_seqlens=seqlens, block_table=table,
-        scale=1 / math.sqrt(q.shape[-1]), window=(left, 0 if causal else right), softcap=softcap,
-        alibi_slopes=alibi.expand(q.shape[0], -1) if alibi is not None and alibi.dim() == 1 else alibi,
-        sinks=sinks, num_splits=num_splits)
+        q, kb, vb, k_new, v_new,
+        ScoreSpec(scale=1 / math.sqrt(q.shape[-1]), window=(left, 0 if causal else right), softcap=softcap,
+                  alibi_slopes=alibi.expand(q.shape[0], -1) if alibi is not None and alibi.dim() == 1 else alibi,
+                  sinks=sinks),
+        cache_seqlens=seqlens, block_table=table, num_splits=num_splits)
     (out_hi, lse_hi), (out_lo, lse_lo) = refs
     assert out.dtype == q.dtype and out.shape == out_hi.shape and lse.dtype == torch.float32
     assert_close("out", out, out_hi, out_lo)
@@ -150,9 +152,8 @@ def test_empty_rows():
     q, k, v, _, _ = _inputs([0, 2], 4, 2, 1, 16, 16, torch.float32, new=False)
     seqlens = torch.tensor([0, 2], dtype=torch.int32)
     for sinks in (None, torch.randn(2)):
-        out, lse = decode.forward_kvcache(q, k, v, None, None, cache_seqlens=seqlens, block_table=None,
-                                          scale=0.25, window=(-1, 0), softcap=0.0, alibi_slopes=None,
-                                          sinks=sinks, num_splits=3)
+        out, lse = decode.forward_kvcache(q, k, v, None, None, ScoreSpec(scale=0.25, window=(-1, 0), sinks=sinks),
+                                          cache_seqlens=seqlens, block_table=None, num_splits=3)
         empty = lse.new_full((2,), -math.inf) if sinks is None else sinks
         assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[1, :2], torch.zeros_like(out[1, :2]))
         assert torch.equal(lse[0], empty[:, None].expand(2, 4)) and torch.equal(lse[1, :, :2], empty[:, None].expand(2, 2))
@@ -171,14 +172,14 @@ def test_non_contiguous_inputs_bitwise():
     lens = [4, 21]
     q, k, v, kn, vn = _inputs(lens, 2, 4, 2, 16, 16, torch.float16)
     seqlens = torch.tensor(lens, dtype=torch.int32)
-    kw = dict(cache_seqlens=seqlens, block_table=None, scale=0.25, window=(-1, 0), softcap=0.0,
-              alibi_slopes=None, sinks=None, num_splits=2)
+    kw = dict(cache_seqlens=seqlens, block_table=None, num_splits=2)
+    spec = ScoreSpec(scale=0.25, window=(-1, 0))
     wide = torch.zeros(2, 48, 2, 40, dtype=torch.float16)
     k_view, v_view = wide[..., :16], wide[..., 20:36]
     k_view.copy_(k), v_view.copy_(v)
     out_a, lse_a = decode.forward_kvcache(q.transpose(1, 2).contiguous().transpose(1, 2), k_view, v_view,
-                                          kn.transpose(1, 2).contiguous().transpose(1, 2), vn, **kw)
-    out_b, lse_b = decode.forward_kvcache(q, k, v, kn, vn, **kw)
+                                          kn.transpose(1, 2).contiguous().transpose(1, 2), vn, spec, **kw)
+    out_b, lse_b = decode.forward_kvcache(q, k, v, kn, vn, spec, **kw)
     assert torch.equal(out_a, out_b) and torch.equal(lse_a, lse_b)
     assert torch.equal(k_view, k) and torch.equal(v_view, v)
 
@@ -190,15 +191,16 @@ def test_batch_invariance(block_size):
     q, k, v, kn, vn = _inputs(lens, 2, 4, 2, 32, 32, torch.bfloat16)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     kp, vp, table = (k, v, None) if block_size is None else kvcache.paged_from_contiguous(k, v, block_size, shuffle=True)
-    kw = dict(scale=0.2, window=(-1, 0), softcap=0.0, alibi_slopes=torch.rand(5, 4), sinks=None, num_splits=2)
-    out, lse = decode.forward_kvcache(q, kp.clone(), vp.clone(), kn, vn, cache_seqlens=seqlens,
-                                      block_table=table, **kw)
+    slopes = torch.rand(5, 4)
+    kw = dict(scale=0.2, window=(-1, 0))
+    out, lse = decode.forward_kvcache(q, kp.clone(), vp.clone(), kn, vn, ScoreSpec(**kw, alibi_slopes=slopes),
+                                      cache_seqlens=seqlens, block_table=table, num_splits=2)
     for b in (0, 2, 4):
         one = slice(b, b + 1)
         kb, vb = (k[one].clone(), v[one].clone()) if table is None else (kp.clone(), vp.clone())
-        kw_b = dict(kw, alibi_slopes=kw["alibi_slopes"][one])
-        o, l = decode.forward_kvcache(q[one], kb, vb, kn[one], vn[one], cache_seqlens=seqlens[one],
-                                      block_table=None if table is None else table[one], **kw_b)
+        o, l = decode.forward_kvcache(q[one], kb, vb, kn[one], vn[one], ScoreSpec(**kw, alibi_slopes=slopes[one]),
+                                      cache_seqlens=seqlens[one], block_table=None if table is None else table[one],
+                                      num_splits=2)
         assert torch.equal(o[0], out[b]) and torch.equal(l[0], lse[b])
 
 
@@ -219,10 +221,10 @@ def test_property_paged_equals_contiguous(data):
     per = -(-smax // block_size)
     kp, vp, table = kvcache.paged_from_contiguous(k, v, block_size, num_blocks=batch * per + spare, shuffle=True,
                                                   generator=torch.Generator().manual_seed(len(lens)))
-    kw = dict(cache_seqlens=seqlens, scale=0.35, window=(-1, 0), softcap=0.0, alibi_slopes=None, sinks=None,
-              num_splits=splits)
-    out_c, lse_c = decode.forward_kvcache(q, k, v, kn, vn, block_table=None, **kw)
-    out_p, lse_p = decode.forward_kvcache(q, kp, vp, kn, vn, block_table=table, **kw)
+    kw = dict(cache_seqlens=seqlens, num_splits=splits)
+    spec = ScoreSpec(scale=0.35, window=(-1, 0))
+    out_c, lse_c = decode.forward_kvcache(q, k, v, kn, vn, spec, block_table=None, **kw)
+    out_p, lse_p = decode.forward_kvcache(q, kp, vp, kn, vn, spec, block_table=table, **kw)
     assert torch.equal(out_c, out_p) and torch.equal(lse_c, lse_p)
     assert torch.equal(kvcache.gather(kp, table)[:, :smax], k) and torch.equal(kvcache.gather(vp, table)[:, :smax], v)
 
@@ -258,8 +260,8 @@ def test_helpers_append_matches_attention_writes():
     kp, vp, table = kvcache.paged_from_contiguous(k, v, 4, num_blocks=50, shuffle=True)
     ka, va = kp.clone(), vp.clone()
     kvcache.append(ka, va, kn, vn, seqlens, table)
-    decode.forward_kvcache(torch.randn(3, 3, 2, 8), kp, vp, kn, vn, cache_seqlens=seqlens, block_table=table,
-                           scale=0.3, window=(-1, 0), softcap=0.0, alibi_slopes=None, sinks=None, num_splits=0)
+    decode.forward_kvcache(torch.randn(3, 3, 2, 8), kp, vp, kn, vn, ScoreSpec(scale=0.3, window=(-1, 0)),
+                           cache_seqlens=seqlens, block_table=table, num_splits=0)
     assert torch.equal(ka, kp) and torch.equal(va, vp)
     kvcache.append(k, v, kn, vn, 2)  # contiguous, Python-int lengths
     assert torch.equal(k[:, 2:5], kn) and torch.equal(v[:, 2:5], vn)

@@ -17,6 +17,7 @@ import triton.language as tl
 from tileattn import reference
 from tileattn.backends.triton.backward import backward
 from tileattn.backends.triton.backward_kernels import _block_and_head
+from tileattn.score import ScoreSpec
 from helpers import assert_close, cu_seqlens, leaf, make_qkv
 
 try:
@@ -119,10 +120,10 @@ def _run_case(shape, spec, dtype, device, layout="bshd"):
     B, Sq, Sk, Hq, Hkv, D, Dv = shape
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, Dv, dtype=dtype, device=device, layout=layout)
     kw = _features(spec, B, Sq, Sk, Hq, D, dtype, device)
-    out, lse = forward(q, k, v, **kw)
+    out, lse = forward(q, k, v, ScoreSpec(**kw))
     dout = torch.randn_like(out)
     mask_grad = spec.get("mask_grad", False)
-    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=mask_grad, **kw)
+    got = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=mask_grad)
     _check(got, dout, q, k, v, kw, mask_grad)
     return got
 
@@ -134,9 +135,9 @@ def _run_varlen(lens_q, lens_k, Hq, Hkv, D, spec, dtype):
     k, v = (torch.randn(sum(lens_k), Hkv, D, device=DEVICE, dtype=dtype) for _ in range(2))
     kw = _features(spec, len(lens_q), 1, 1, Hq, D, dtype, DEVICE)
     varlen = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
-    out, lse = forward(q, k, v, **kw, **varlen)
+    out, lse = forward(q, k, v, ScoreSpec(**kw), **varlen)
     dout = torch.randn_like(out)
-    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw, **varlen)
+    got = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False, **varlen)
     _check(got, dout, q, k, v, kw, False, varlen=(cq, ck))
 
 
@@ -243,9 +244,9 @@ def test_large_logits():
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype=torch.float16, device=DEVICE)
     q, k = (q * 5).half(), (k * 3).half()
     kw = _features(dict(window=(-1, 0)), B, Sq, Sk, Hq, D, torch.float16, DEVICE)
-    out, lse = forward(q, k, v, **kw)
+    out, lse = forward(q, k, v, ScoreSpec(**kw))
     dout = torch.randn_like(out)
-    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
+    got = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False)
     _check(got, dout, q, k, v, kw, False)
 
 
@@ -263,10 +264,10 @@ def test_varlen_all_empty_keys():
     q = torch.randn(10, 2, 32, device=DEVICE)
     k = v = torch.randn(0, 2, 32, device=DEVICE)
     kw = _features(dict(sinks=True), 2, 1, 1, 2, 32, q.dtype, DEVICE)
-    kw.update(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=7, max_seqlen_k=0)
-    out, lse = forward(q, k, v, **kw)
-    dq, dk, dv, dsinks, _ = backward(torch.randn_like(out), q, k, v, out, lse, deterministic=False,
-                                     mask_grad=False, **kw)
+    varlen = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=7, max_seqlen_k=0)
+    out, lse = forward(q, k, v, ScoreSpec(**kw), **varlen)
+    dq, dk, dv, dsinks, _ = backward(torch.randn_like(out), q, k, v, out, lse, ScoreSpec(**kw), deterministic=False,
+                                     mask_grad=False, **varlen)
     assert torch.equal(dq, torch.zeros_like(dq)) and dk.numel() == 0 and dv.numel() == 0
     assert torch.equal(dsinks, torch.zeros_like(dsinks))
 
@@ -277,12 +278,12 @@ def test_noncontiguous_bitwise():
     a = make_qkv(1, 37, 45, 2, 1, 32, dtype=torch.float16, device=DEVICE, layout="bhsd")
     b = [t.contiguous() for t in a]
     kw = _features(dict(window=(-1, 0), alibi=True), 1, 37, 45, 2, 32, torch.float16, DEVICE)
-    out, lse = forward(*b, **kw)
+    out, lse = forward(*b, ScoreSpec(**kw))
     dout_t = torch.randn(1, 2, 37, 32, dtype=torch.float16, device=DEVICE).transpose(1, 2)
     dout_e = torch.randn(1, 37, 2, 1, dtype=torch.float16, device=DEVICE).expand(1, 37, 2, 32)
     for dout in (dout_t, dout_e):
-        ref = backward(dout.contiguous(), *b, out, lse, deterministic=False, mask_grad=False, **kw)
-        got = backward(dout, *a, out, lse, deterministic=False, mask_grad=False, **kw)
+        ref = backward(dout.contiguous(), *b, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False)
+        got = backward(dout, *a, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False)
         for g, r in zip(got[:3], ref[:3]):
             assert torch.equal(g, r)
 
@@ -295,8 +296,8 @@ def test_seed_per_call():
     for seed in (11, 22):
         kw = _features(dict(p=0.4), 1, 19, 23, 2, 32, torch.float32, DEVICE)
         kw["seed"] = seed
-        out, lse = forward(q, k, v, **kw)
-        got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
+        out, lse = forward(q, k, v, ScoreSpec(**kw))
+        got = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False)
         _check(got, dout, q, k, v, kw, False)
 
 
@@ -329,9 +330,9 @@ def test_writes_every_element(monkeypatch, forced):
     B, Sq, Sk, Hq, Hkv, D = 1, 70, 50, 2, 1, 32
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, device=DEVICE)
     kw = _features(dict(window=(3, 0)), B, Sq, Sk, Hq, D, q.dtype, DEVICE)
-    out, lse = reference.forward(q, k, v, **kw)
+    out, lse = reference.forward(q, k, v, ScoreSpec(**kw))
     _poison_allocations(monkeypatch)
-    got = backward(torch.randn_like(out), q, k, v, out, lse, deterministic=False, mask_grad=False, **kw)
+    got = backward(torch.randn_like(out), q, k, v, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False)
     assert all(g.isfinite().all() for g in got[:3])
 
 
@@ -347,10 +348,10 @@ def test_varlen_row_stats_padding(monkeypatch):
     k, v = (torch.randn(sum(lens_k), Hkv, D, device=DEVICE) for _ in range(2))
     kw = _features(dict(window=(3, 0)), len(lens_q), 1, 1, Hq, D, q.dtype, DEVICE)
     varlen = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
-    out, lse = reference.forward(q, k, v, **kw, **varlen)
+    out, lse = reference.forward(q, k, v, ScoreSpec(**kw), **varlen)
     dout = torch.randn_like(out)
     _poison_allocations(monkeypatch)
-    got = backward(dout, q, k, v, out, lse, deterministic=False, mask_grad=False, **kw, **varlen)
+    got = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False, **varlen)
     monkeypatch.undo()
     _check(got, dout, q, k, v, kw, False, varlen=(cq, ck))
 
@@ -363,11 +364,11 @@ def test_deterministic_20_runs(dtype):
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype=dtype, device="cuda")
     kw = _features(dict(window=(-1, 0), sinks=True, p=0.1, mask="float", mask_grad=True), B, Sq, Sk, Hq, D,
                    dtype, "cuda")
-    out, lse = forward(q, k, v, **kw)
+    out, lse = forward(q, k, v, ScoreSpec(**kw))
     dout = torch.randn_like(out)
-    first = backward(dout, q, k, v, out, lse, deterministic=True, mask_grad=True, **kw)
+    first = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=True, mask_grad=True)
     for _ in range(19):
-        again = backward(dout, q, k, v, out, lse, deterministic=True, mask_grad=True, **kw)
+        again = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=True, mask_grad=True)
         for a, b in zip(again, first):
             assert torch.equal(a, b)
 
@@ -387,9 +388,9 @@ def test_int64_offsets():
     q, k, v = huge_view(), huge_view(), huge_view()
     small = [t.contiguous() for t in (q, k, v)]
     kw = _features(dict(window=(-1, 0), sinks=True), B, S, S, H, D, torch.bfloat16, "cuda")
-    out, lse = forward(*small, **kw)
+    out, lse = forward(*small, ScoreSpec(**kw))
     dout = torch.randn_like(out)
-    ref = backward(dout, *small, out, lse, deterministic=True, mask_grad=False, **kw)
-    got = backward(dout, q, k, v, out, lse, deterministic=True, mask_grad=False, **kw)
+    ref = backward(dout, *small, out, lse, ScoreSpec(**kw), deterministic=True, mask_grad=False)
+    got = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=True, mask_grad=False)
     for g, r in zip(got[:4], ref[:4]):
         assert torch.equal(g, r)

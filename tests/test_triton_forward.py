@@ -13,6 +13,7 @@ from helpers import assert_close, cu_seqlens, make_qkv, randn
 
 from tileattn import _philox, plan, reference
 from tileattn.backends.triton.forward import forward, run_forward
+from tileattn.score import ScoreSpec
 
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
@@ -44,12 +45,12 @@ def _check(q, k, v, configs=None, use_tma=None, **kw):
     """Triton forward (dense) == reference; returns (out, lse)."""
     kw = _kw(q.shape[-1] ** -0.5, **kw)
     if configs is None and use_tma is None:
-        out, lse = _poisoned(lambda: forward(q, k, v, **kw))
+        out, lse = _poisoned(lambda: forward(q, k, v, ScoreSpec(**kw)))
     else:
         fplan = plan.forward_plan(q, k, v, window=kw["window"], softcap=kw["softcap"],
                                   alibi_slopes=kw["alibi_slopes"], sinks=kw["sinks"], attn_mask=kw["attn_mask"],
                                   dropout_p=kw["dropout_p"], configs=configs, use_tma=use_tma)
-        out, lse = _poisoned(lambda: run_forward(q, k, v, fplan, **kw))
+        out, lse = _poisoned(lambda: run_forward(q, k, v, ScoreSpec(**kw), fplan))
     ref = dict(scale=kw["scale"], window=kw["window"], softcap=kw["softcap"], alibi_slopes=kw["alibi_slopes"],
                sinks=kw["sinks"], attn_mask=kw["attn_mask"], dropout_p=kw["dropout_p"])
     if kw["dropout_p"] > 0:
@@ -142,7 +143,7 @@ def test_dropout_matches_philox(device, dtype):
     q, k, v = make_qkv(2, 45, 70, 2, 1, 32, dtype=dtype, device=device)
     kw = dict(dropout_p=0.3, seed=2**40 + 12345, window=(-1, 0))
     out, lse = _check(q, k, v, **kw)
-    again, lse2 = forward(q, k, v, **_kw(32 ** -0.5, **kw))
+    again, lse2 = forward(q, k, v, ScoreSpec(**_kw(32 ** -0.5, **kw)))
     assert torch.equal(out, again) and torch.equal(lse, lse2)
 
 
@@ -157,8 +158,8 @@ def test_everything_at_once_tiny_tiles(device):
 def test_noncontiguous_bitwise(device, layout):
     q, k, v = make_qkv(2, 70, 90, 2, 1, 64, layout=layout, device=device)
     kw = _kw(0.125, window=(-1, 0))
-    out, lse = forward(q, k, v, **kw)
-    ref_out, ref_lse = forward(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
+    out, lse = forward(q, k, v, ScoreSpec(**kw))
+    ref_out, ref_lse = forward(q.contiguous(), k.contiguous(), v.contiguous(), ScoreSpec(**kw))
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
@@ -170,8 +171,8 @@ def _check_varlen(lens_q, lens_k, Hq, Hkv, D, dtype, device, configs=None, use_t
     fplan = plan.forward_plan(q, k, v, window=kw["window"], softcap=kw["softcap"], alibi_slopes=kw["alibi_slopes"],
                               sinks=kw["sinks"], dropout_p=kw["dropout_p"], varlen=True,
                               configs=configs, use_tma=use_tma)
-    out, lse = _poisoned(lambda: run_forward(q, k, v, fplan, cu_seqlens_q=cq, cu_seqlens_k=ck,
-                                             max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), **kw))
+    out, lse = _poisoned(lambda: run_forward(q, k, v, ScoreSpec(**kw), fplan, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                             max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k)))
     ref = dict(scale=kw["scale"], window=kw["window"], softcap=kw["softcap"], alibi_slopes=kw["alibi_slopes"],
                sinks=kw["sinks"], dropout_p=kw["dropout_p"], dropout_seed=kw["seed"])
     hi = reference.attention_varlen(q, k, v, cq, ck, upcast=True, **ref)
@@ -227,7 +228,7 @@ def test_gpu_longer(device, dtype, S, D, causal):
 def test_gpu_deterministic(device):
     q, k, v = make_qkv(2, 1000, 1000, 8, 2, 128, dtype=torch.bfloat16, device=device)
     kw = _kw(128 ** -0.5, window=(-1, 0))
-    a, b = forward(q, k, v, **kw), forward(q, k, v, **kw)
+    a, b = forward(q, k, v, ScoreSpec(**kw)), forward(q, k, v, ScoreSpec(**kw))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -257,7 +258,7 @@ def test_gpu_past_2_31_elements(device):
     k, v = randn((1, Sk, Hkv, D), torch.bfloat16, device), randn((1, Sk, Hkv, D), torch.bfloat16, device)
     assert k.numel() > 2**31
     kw = _kw(D ** -0.5, window=(-1, 0))
-    out, lse = forward(q, k, v, **kw)
+    out, lse = forward(q, k, v, ScoreSpec(**kw))
     for h in range(Hq):  # oracle per head: one head's float64 scores fit in memory
         hk = h // (Hq // Hkv)
         args = (q[:, :, h:h + 1], k[:, :, hk:hk + 1], v[:, :, hk:hk + 1])

@@ -10,6 +10,7 @@ from helpers import assert_close, randn, to_paged
 
 from tileattn import reference
 from tileattn.backends.triton.kvcache import choose_num_splits, forward_kvcache, plan_kvcache
+from tileattn.score import ScoreSpec
 
 CPU_DTYPES = (torch.float32, torch.float16)
 
@@ -41,9 +42,9 @@ def _check(q, kc, vc, kn, vn, lens, table, *, window=(-1, 0), softcap=0.0, alibi
         kr, vr = kc.clone(), vc.clone()
         ref[upcast] = reference.attention_with_kvcache(q, kr, vr, kn, vn, upcast=upcast, **kw)
     k_run, v_run = kc.clone(), vc.clone()
-    out, lse = forward_kvcache(q, k_run, v_run, kn, vn, cache_seqlens=lens, block_table=table,
-                               scale=q.shape[-1] ** -0.5, window=window, softcap=softcap,
-                               alibi_slopes=alibi, sinks=sinks, num_splits=num_splits)
+    spec = ScoreSpec(scale=q.shape[-1] ** -0.5, window=window, softcap=softcap, alibi_slopes=alibi, sinks=sinks)
+    out, lse = forward_kvcache(q, k_run, v_run, kn, vn, spec, cache_seqlens=lens, block_table=table,
+                               num_splits=num_splits)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     assert_close("out", out, ref[True][0], ref[False][0])
     assert_close("lse", lse, ref[True][1], ref[False][1], dtype=q.dtype)
@@ -179,9 +180,8 @@ def test_batch_invariance(device, splits):
     b = 2
     row = table[b:b + 1]
     out_b, lse_b = forward_kvcache(q[b:b + 1], kc.clone(), vc.clone(), kn[b:b + 1], vn[b:b + 1],
-                                   cache_seqlens=lens[b:b + 1], block_table=row, scale=64 ** -0.5,
-                                   window=(-1, 0), softcap=0.0, alibi_slopes=None, sinks=None,
-                                   num_splits=splits)
+                                   ScoreSpec(scale=64 ** -0.5, window=(-1, 0)), cache_seqlens=lens[b:b + 1],
+                                   block_table=row, num_splits=splits)
     assert torch.equal(out_b, out[b:b + 1]) and torch.equal(lse_b, lse[b:b + 1])
 
 
@@ -249,9 +249,8 @@ def test_cuda_graph_replay(page):
     kc0, vc0 = kc.clone(), vc.clone()
 
     def call():
-        return forward_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table,
-                               scale=D ** -0.5, window=(-1, 0), softcap=0.0, alibi_slopes=None,
-                               sinks=None, num_splits=0)
+        return forward_kvcache(q, kc, vc, kn, vn, ScoreSpec(scale=D ** -0.5, window=(-1, 0)),
+                               cache_seqlens=lens, block_table=table, num_splits=0)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -12,12 +12,12 @@ bottom-right corner (flash-attn >= 2.1): with ``off = Sk - Sq``, row ``i`` keeps
                                   1 1
 """
 
-import math
 import os
 
 import torch
 
 from . import _checks, backends, ops
+from .score import ScoreSpec
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa"]
 
@@ -32,9 +32,13 @@ def _backend(name: str, q: torch.Tensor, needs: str) -> str:
         raise ValueError(f"tileattn: backend must be one of auto, {', '.join(backends.BACKENDS)}; got {name!r}")
     if name == "cpu" and q.device.type != "cpu":
         raise NotImplementedError(f"tileattn: backend='cpu' needs CPU tensors, got q on {q.device}; use backend='auto'")
-    if name == "triton" and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise NotImplementedError("tileattn: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the "
-                                  "interpreter); use backend='cpu' for CPU tensors")
+    if name == "triton" and q.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise NotImplementedError("tileattn: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                                      "the interpreter); use backend='cpu' for CPU tensors")
+        if q.dtype == torch.bfloat16:  # its bf16 tl.dot returns garbage (docs/design/TOOLCHAIN.md)
+            raise NotImplementedError("tileattn: the Triton interpreter computes bf16 dots wrongly, so q of dtype "
+                                      "torch.bfloat16 is refused there; use backend='cpu', fp16/fp32, or a GPU")
     try:
         module = backends.get(name)
     except ImportError as err:
@@ -48,14 +52,6 @@ def _needs(*tensors) -> str:
     """'backward' when autograd will need a backward through these inputs, else 'forward'."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return "backward" if grad else "forward"
-
-
-def _scale_and_window(q, scale, causal: bool, window) -> tuple:
-    """(scale, left, right): scale defaults to 1/sqrt(D); ``causal`` folds into the window's
-    right edge (causal keeps j <= i + off)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    left, right = window
-    return scale, left, (0 if causal else right)
 
 
 def _seed(dropout_p: float):
@@ -116,8 +112,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     _checks.attn_mask(attn_mask, q, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     name = _backend(backend, q, _needs(q, k, v, sinks, attn_mask))
     q, k, v = _unit_stride(q, k, v)
-    return _run(q, k, v, None, None, q.shape[1], k.shape[1], causal, scale, window, softcap,
-                alibi_slopes, sinks, attn_mask, dropout_p, deterministic, return_lse, name)
+    spec = ScoreSpec.build(q.shape[-1], causal=causal, scale=scale, window=window, softcap=softcap,
+                           alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask, dropout_p=dropout_p)
+    return _run(q, k, v, None, None, q.shape[1], k.shape[1], spec, deterministic, return_lse, name)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
@@ -158,21 +155,19 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     if max_seqlen_k is None:
         max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     q, k, v = _unit_stride(q, k, v)
-    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), causal, scale,
-                window, softcap, alibi_slopes, sinks, None, dropout_p, deterministic, return_lse, name)
+    spec = ScoreSpec.build(q.shape[-1], causal=causal, scale=scale, window=window, softcap=softcap,
+                           alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p)
+    return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), spec, deterministic,
+                return_lse, name)
 
 
-def _run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window, softcap, alibi_slopes, sinks,
-         attn_mask, dropout_p, deterministic, return_lse, name):
-    scale, left, right = _scale_and_window(q, scale, causal, window)
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.float()
-    if sinks is not None:
-        sinks = sinks.float()
-    mask_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
+def _run(q, k, v, cu_q, cu_k, max_q, max_k, spec, deterministic, return_lse, name):
+    """Call the attention op for ``spec`` (dense when cu_q is None, else varlen)."""
+    mask = spec.attn_mask
+    mask_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
     fwd = ops.attention_fwd if torch.compiler.is_compiling() else ops.EagerAttention.apply
-    out, lse = fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, float(softcap), alibi_slopes, sinks,
-                   attn_mask, float(dropout_p), _seed(dropout_p), bool(deterministic), mask_grad, name)
+    out, lse = fwd(q, k, v, cu_q, cu_k, max_q, max_k, *spec.op_fields(), _seed(spec.dropout_p),
+                   bool(deterministic), mask_grad, name)
     return (out, lse) if return_lse else out
 
 
@@ -272,10 +267,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         raise ValueError(f"tileattn: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     name = _backend(backend, q, "forward_kvcache")
     q, k, v = _unit_stride(q, k, v)
-    scale, left, right = _scale_and_window(q, scale, causal, window)
-    alibi_slopes = None if alibi_slopes is None else alibi_slopes.float()
-    sinks = None if sinks is None else sinks.detach().float()
-    args = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, left, right, float(softcap),
+    spec = ScoreSpec.build(q.shape[-1], causal=causal, scale=scale, window=window, softcap=softcap,
+                           alibi_slopes=alibi_slopes, sinks=None if sinks is None else sinks.detach())
+    scale, left, right, softcap, alibi_slopes, sinks = spec.op_fields()[:6]
+    args = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, left, right, softcap,
             alibi_slopes, sinks, num_splits, name)
     # eager calls skip the dispatcher's overhead on the decode hot path; compile sees the op
     run = ops.attention_kvcache if torch.compiler.is_compiling() else ops.kvcache_impl

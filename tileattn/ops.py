@@ -1,8 +1,10 @@
 """torch.library custom ops (with fake implementations and autograd) over the backends.
 
 Layer: public API (api.py) -> these ops -> backend modules. The ops take normalized,
-validated arguments (see tileattn/backends/__init__.py); they broadcast ALiBi slopes and the
-attention mask to their full shapes as stride-0 views, call the backend, and wire autograd.
+validated arguments: the fields of the call's ``tileattn.score.ScoreSpec`` (built once in
+api.py), which they rebuild in the backends' full-shape view (ALiBi slopes and the attention
+mask as stride-0 expands), then call the backend (see tileattn/backends/__init__.py) and wire
+autograd.
 Registering them as custom ops makes every entry point traceable by
 ``torch.compile(fullgraph=True)``; eager calls take the same implementations through
 ``EagerAttention`` / ``kvcache_impl`` directly, skipping the dispatcher's host overhead.
@@ -14,31 +16,26 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .score import ScoreSpec
 
 _EMPTY = (0,)
 
 
-def _full_slopes(alibi_slopes, batch: int, hq: int):
-    """ALiBi slopes as the contract's (B, Hq): a (Hq,) input becomes a stride-0 expand."""
-    if alibi_slopes is not None and alibi_slopes.dim() == 1:
-        return alibi_slopes.expand(batch, hq)
-    return alibi_slopes
-
-
-def _call_args(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, k, alibi_slopes, attn_mask, scale,
-               window_left, window_right, softcap, sinks, dropout_p, seed, cu_seqlens_k):
-    """Keyword arguments of the backend contract, with alibi/mask expanded to full shape."""
+def _spec(q, k, cu_seqlens_q, scale, window_left, window_right, softcap, alibi_slopes, sinks, attn_mask,
+          dropout_p, seed) -> ScoreSpec:
+    """The call's ScoreSpec rebuilt from the op's fields, in the backends' full-shape view."""
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    hq = q.shape[-2]
-    alibi_slopes = _full_slopes(alibi_slopes, batch, hq)
-    if attn_mask is not None:
-        attn_mask = attn_mask.expand(batch, hq, q.shape[1], k.shape[1])
-    return dict(scale=scale, window=(window_left, window_right), softcap=softcap,
-                alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask, dropout_p=dropout_p,
-                seed=int(seed) if seed is not None else 0, cu_seqlens_q=cu_seqlens_q,
-                cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q if varlen else None,
-                max_seqlen_k=max_seqlen_k if varlen else None)
+    spec = ScoreSpec.from_op_fields(scale, window_left, window_right, softcap, alibi_slopes, sinks, attn_mask,
+                                    dropout_p, seed)
+    return spec.expanded(batch, q.shape[-2], q.shape[1], k.shape[1])
+
+
+def _lengths(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> dict:
+    """The backends' varlen keywords (max lengths only for varlen calls)."""
+    varlen = cu_seqlens_q is not None
+    return dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=max_seqlen_q if varlen else None, max_seqlen_k=max_seqlen_k if varlen else None)
 
 
 def _out_shapes(q, v, varlen):
@@ -55,9 +52,10 @@ def fwd_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
                   attn_mask: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
                   deterministic: bool, mask_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
     """Forward of attention / attention_varlen -> (out, lse)."""
-    kw = _call_args(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, k, alibi_slopes, attn_mask, scale,
-                    window_left, window_right, softcap, sinks, dropout_p, seed, cu_seqlens_k)
-    out, lse = backends.get(backend).forward(q, k, v, **kw)
+    spec = _spec(q, k, cu_seqlens_q, scale, window_left, window_right, softcap, alibi_slopes, sinks, attn_mask,
+                 dropout_p, seed)
+    lengths = _lengths(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out, lse = backends.get(backend).forward(q, k, v, spec, **lengths)
     return out.contiguous(), lse.contiguous()
 
 
@@ -80,10 +78,11 @@ def bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
                   seed: Optional[Tensor], deterministic: bool, mask_grad: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward -> (dq, dk, dv, dsinks or empty, dmask (B,Hq,Sq,Sk) fp32 or empty)."""
-    kw = _call_args(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, k, alibi_slopes, attn_mask, scale,
-                    window_left, window_right, softcap, sinks, dropout_p, seed, cu_seqlens_k)
+    spec = _spec(q, k, cu_seqlens_q, scale, window_left, window_right, softcap, alibi_slopes, sinks, attn_mask,
+                 dropout_p, seed)
+    lengths = _lengths(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dsinks, dmask = backends.get(backend).backward(
-        dout, q, k, v, out, lse, deterministic=deterministic, mask_grad=mask_grad, **kw)
+        dout, q, k, v, out, lse, spec, deterministic=deterministic, mask_grad=mask_grad, **lengths)
 
     def as_grad(t, dtype):  # no copies, no dispatcher calls when already right (Triton's outputs)
         if t is None:
@@ -182,11 +181,11 @@ def kvcache_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Optional[Te
                  alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], num_splits: int,
                  backend: str) -> tuple[Tensor, Tensor]:
     """Append k_new/v_new into the cache in place, then attend -> (out, lse)."""
-    alibi_slopes = _full_slopes(alibi_slopes, q.shape[0], q.shape[2])
+    spec = ScoreSpec(scale=scale, window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
+                     sinks=sinks).expanded(q.shape[0], q.shape[2])
     out, lse = backends.get(backend).forward_kvcache(
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, block_table=block_table,
-        scale=scale, window=(window_left, window_right), softcap=softcap,
-        alibi_slopes=alibi_slopes, sinks=sinks, num_splits=num_splits)
+        q, k_cache, v_cache, k_new, v_new, spec, cache_seqlens=cache_seqlens, block_table=block_table,
+        num_splits=num_splits)
     return out.contiguous(), lse.contiguous()
 
 

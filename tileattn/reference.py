@@ -235,17 +235,20 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
 # ----------------------------------------------------------------------------- backend contract
 
 
-def forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed,
-            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+def _spec_kw(spec):
+    """The ``_run`` / ``_kvcache`` keywords of a :class:`~tileattn.score.ScoreSpec`."""
+    return dict(scale=spec.scale, window=spec.window, softcap=spec.softcap, alibi=spec.alibi_slopes)
+
+
+def forward(q, k, v, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
     """Backend ``forward`` (see ``tileattn.backends``): float64 math, out in q.dtype, lse fp32."""
-    out, lse = _run(q, k, v, scale=scale, window=window, softcap=softcap, alibi=alibi_slopes, sinks=sinks,
-                    attn_mask=attn_mask, dropout_p=dropout_p, dropout_mask=None, seed=seed,
+    out, lse = _run(q, k, v, **_spec_kw(spec), sinks=spec.sinks, attn_mask=spec.attn_mask,
+                    dropout_p=spec.dropout_p, dropout_mask=None, seed=spec.seed,
                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=torch.float64)
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
-def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, sinks, attn_mask,
-             dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
              max_seqlen_k=None, deterministic=False, mask_grad=False):
     """Backend ``backward``: float64 autograd through the oracle (``out``/``lse`` unused).
 
@@ -253,6 +256,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     ``mask_grad`` dmask = dL/d(additive score term) fp32 (B, Hq, Sq, Sk), else None.
     Always deterministic.
     """
+    sinks, attn_mask = spec.sinks, spec.attn_mask
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     sinks64 = None if sinks is None else sinks.detach().double().requires_grad_()
     bias = None
@@ -266,8 +270,8 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
             bias = attn_mask.detach().double().expand(shape).clone()
         attn_mask = bias.requires_grad_()
     with torch.enable_grad():
-        o, _ = _run(*leaves, scale=scale, window=window, softcap=softcap, alibi=alibi_slopes, sinks=sinks64,
-                    attn_mask=attn_mask, dropout_p=dropout_p, dropout_mask=None, seed=seed,
+        o, _ = _run(*leaves, **_spec_kw(spec), sinks=sinks64, attn_mask=attn_mask, dropout_p=spec.dropout_p,
+                    dropout_mask=None, seed=spec.seed,
                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=torch.float64)
         wrt = leaves + [t for t in (sinks64, bias) if t is not None]
         grads = torch.autograd.grad(o, wrt, dout.double(), allow_unused=True, materialize_grads=True)
@@ -278,10 +282,8 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     return dq, dk, dv, dsinks, dmask
 
 
-def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, scale, window,
-                    softcap, alibi_slopes, sinks, num_splits):
+def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits):
     """Backend ``forward_kvcache``: float64 math, out in q.dtype, lse fp32; mutates the caches."""
     out, lse = _kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens,
-                        block_table=block_table, scale=scale, window=window, softcap=softcap,
-                        alibi=alibi_slopes, sinks=sinks, dtype=torch.float64)
+                        block_table=block_table, **_spec_kw(spec), sinks=spec.sinks, dtype=torch.float64)
     return out.to(q.dtype).contiguous(), lse.float().contiguous()

@@ -5,15 +5,18 @@ arguments below before any backend runs; backends may assume valid input.
 
 Each backend module (``cpu``, ``triton``; ``reference`` is the oracle) exposes::
 
-    forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask,
-            dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None,
+    forward(q, k, v, spec, *, cu_seqlens_q=None, cu_seqlens_k=None,
             max_seqlen_q=None, max_seqlen_k=None) -> (out, lse)
 
-    backward(dout, q, k, v, out, lse, *, <same keywords>, deterministic, mask_grad)
+    backward(dout, q, k, v, out, lse, spec, *, <same keywords>, deterministic, mask_grad)
             -> (dq, dk, dv, dsinks | None, dmask | None)
 
-    forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table,
-                    scale, window, softcap, alibi_slopes, sinks, num_splits) -> (out, lse)
+    forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table,
+                    num_splits) -> (out, lse)
+
+``spec`` is the call's :class:`tileattn.score.ScoreSpec` (scale, window with causal folded in,
+softcap, ALiBi slopes, sinks, attn_mask, dropout), built once by the API and seen by the
+backends in full-shape form (``ScoreSpec.expanded``).
 
 Shapes (native layout, any strides, last-dim stride 1 guaranteed by the API):
 
@@ -29,9 +32,9 @@ Shapes (native layout, any strides, last-dim stride 1 guaranteed by the API):
           the keys 0 .. cache_seqlens[b] + Sn (or cache_seqlens[b] when k_new is None) are
           attended -> out (B, Sn, Hq, Dv), lse (B, Hq, Sn). ``num_splits`` 0 = backend's choice.
 
-Normalized arguments:
+The spec's fields, as backends see them:
 
-- ``scale``: float, already defaulted to 1/sqrt(D).
+- ``scale``: float, already defaulted to 1/sqrt(D); any finite value (negative too).
 - ``window``: (left, right) ints with ``causal`` folded in (causal => right = 0); -1 means
   unbounded. With off = Sk - Sq (per sequence) row i keeps key j iff
   ``(left < 0 or j >= i + off - left) and (right < 0 or j <= i + off + right)``.
@@ -41,14 +44,14 @@ Normalized arguments:
 - ``attn_mask`` (dense only): None, or a (B, Hq, Sq, Sk) view (broadcast dims have stride 0),
   bool (True = keep) or floating (added to the score after ALiBi).
 - ``dropout_p``: float in [0, 1); ``seed``: int, the Philox key (see ``tileattn._philox``),
-  ignored when dropout_p == 0. Backends must drop exactly ``_philox.keep_mask``'s elements.
+  0 when dropout_p == 0. Backends must drop exactly ``_philox.keep_mask``'s elements.
 - ``deterministic``: bool, bitwise-reproducible backward.
 - ``mask_grad``: bool, return dmask = dL/d(score) as float32 (B, Hq, Sq, Sk) (the op layer
   reduces it to the mask's own shape); otherwise None.
 - ``dsinks``: float32 (Hq,) when sinks is given, else None.
 
 Score pipeline order, empty rows (out 0, lse -inf or the sink logit, zero gradients) and
-dtypes follow ``../shared/design/API.md``; ``tileattn.reference`` is the same in code.
+dtypes follow ``docs/design/API.md``; ``tileattn.reference`` is the same in code.
 """
 
 import importlib

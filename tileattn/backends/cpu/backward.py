@@ -29,8 +29,7 @@ from ._tiles import LOG2E, NEG_INF, Tiles
 
 
 @torch.no_grad()
-def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, sinks, attn_mask,
-             dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
              max_seqlen_k=None, deterministic=False, mask_grad=False):
     """Backend contract (see ``tileattn.backends``) -> (dq, dk, dv, dsinks, dmask).
 
@@ -38,8 +37,9 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     dq, dk, dv have q, k, v's shapes and dtypes (contiguous); dsinks fp32 (Hq,) when sinks
     is given; dmask fp32 (B, Hq, Sq, Sk) when ``mask_grad`` (dense only), else None.
     """
-    kw = dict(scale=scale, window=tuple(window), softcap=softcap, dropout_p=dropout_p, seed=seed,
-              buffer=_tiles.Workspace())
+    kw = dict(scale=spec.scale, window=spec.window, softcap=spec.softcap, dropout_p=spec.dropout_p,
+              seed=spec.seed, buffer=_tiles.Workspace())
+    sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
     dsinks = None if sinks is None else torch.zeros(sinks.shape[0], dtype=torch.float64)
     dmask = None

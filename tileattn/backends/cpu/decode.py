@@ -61,8 +61,7 @@ def append_(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     v_cache[index] = v_new.to(v_cache.dtype)
 
 
-def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, scale,
-                    window, softcap, alibi_slopes, sinks, num_splits):
+def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits):
     """Backend contract (see ``tileattn.backends``): q (B, Sn, Hq, D) over the cache, after
     appending k_new/v_new -> out (B, Sn, Hq, Dv) in q.dtype, lse (B, Hq, Sn) float32.
 
@@ -79,10 +78,10 @@ def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_t
     lse = torch.empty(batch, hq, sn, dtype=torch.float32, device=q.device)
     table = block_table.to(torch.long) if block_table is not None else None
     for b in range(batch):
-        tiles = Tiles(1, sn, seqlens_k[b], hkv, hq // hkv, scale=scale, window=tuple(window), softcap=softcap,
-                      alibi=None if alibi_slopes is None else alibi_slopes[b:b + 1], attn_mask=None,
+        tiles = Tiles(1, sn, seqlens_k[b], hkv, hq // hkv, scale=spec.scale, window=spec.window, softcap=spec.softcap,
+                      alibi=None if spec.alibi_slopes is None else spec.alibi_slopes[b:b + 1], attn_mask=None,
                       dropout_p=0.0, seed=0)
-        o, lse_b = _Sequence(k_cache, v_cache, b, table, tiles).attend(q[b], sinks, max(num_splits, 1))
+        o, lse_b = _Sequence(k_cache, v_cache, b, table, tiles).attend(q[b], spec.sinks, max(num_splits, 1))
         out[b] = o.to(q.dtype)
         lse[b] = lse_b
     return out, lse

@@ -34,8 +34,7 @@ from ._tiles import LN2, NEG_INF, Tiles
 
 
 @torch.no_grad()
-def forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed,
-            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+def forward(q, k, v, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
     """Backend contract (see ``tileattn.backends``).
 
     dense:  q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) -> out (B, Sq, Hq, Dv) in
@@ -43,8 +42,9 @@ def forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, 
     varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D[v]), cu_seqlens_* int32 (B+1,) -> out (Tq, Hq, Dv),
             lse (Hq, Tq); one dense problem per sequence b (dropout batch id b).
     """
-    kw = dict(scale=scale, window=tuple(window), softcap=softcap, dropout_p=dropout_p, seed=seed,
-              buffer=_tiles.Workspace())
+    kw = dict(scale=spec.scale, window=spec.window, softcap=spec.softcap, dropout_p=spec.dropout_p,
+              seed=spec.seed, buffer=_tiles.Workspace())
+    sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     if cu_seqlens_q is None:
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)

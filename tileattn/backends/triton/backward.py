@@ -17,11 +17,9 @@ through per-program tensor descriptors (TMA), else through pointers; ``TILEATTN_
 
 Example::
 
-    out, lse = forward(q, k, v, scale=0.125, window=(-1, 0), softcap=0.0, alibi_slopes=None,
-                       sinks=None, attn_mask=None, dropout_p=0.0, seed=0)
-    dq, dk, dv, _, _ = backward(dout, q, k, v, out, lse, scale=0.125, window=(-1, 0), softcap=0.0,
-                                alibi_slopes=None, sinks=None, attn_mask=None, dropout_p=0.0,
-                                seed=0, deterministic=False, mask_grad=False)
+    spec = ScoreSpec(scale=0.125, window=(-1, 0))  # causal
+    out, lse = forward(q, k, v, spec)
+    dq, dk, dv, _, _ = backward(dout, q, k, v, out, lse, spec)
 """
 
 import os
@@ -34,7 +32,6 @@ from tileattn.backends.triton.forward import _ensure_tma_allocator, _strides
 from tileattn.backends.triton.launch import fast
 from tileattn.plan import autotuner, bucket, cdiv, device_target, first_misaligned, head_block
 
-LOG2E = 1.4426950408889634
 # each sequence's rows in the lse2 / delta buffers are padded to a multiple of this; every
 # config's BLOCK_M divides it (see backward_kernels [Note] padded row stats)
 ROW_PAD = 128
@@ -161,8 +158,7 @@ def _head_group(uneven, rows, row_bytes, num_bh):
     return 1 << (fit.bit_length() - 1)
 
 
-def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, sinks, attn_mask,
-             dropout_p, seed, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
              max_seqlen_k=None, deterministic=False, mask_grad=False):
     """Backend-contract backward (see ``tileattn.backends``) -> (dq, dk, dv, dsinks, dmask).
 
@@ -170,6 +166,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
     dmask (``mask_grad``, dense only) = dL/d(additive score term) fp32 (B, Hq, Sq, Sk).
     """
     varlen = cu_seqlens_q is not None
+    sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     out = out if out.stride(-1) == 1 else out.contiguous()
     lse = lse.contiguous()
@@ -197,19 +194,17 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
 
     head_d, head_dv = q.shape[-1], v.shape[-1]
     block_d, block_dv = head_block(head_d), head_block(head_dv)
-    left, right = window
-    mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
+    right = spec.window[1]
     use_tma = _use_tma(q, k, v, dout, max(max_seqlen_q, max_seqlen_k))
+    score_flags = spec.constexprs()
+    sinks_flag = score_flags.pop("SINKS")  # only the dQ kernel takes it
     flags = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv, IS_VARLEN=varlen,
-                 SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
-                 HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DROPOUT=dropout_p > 0, USE_TMA=use_tma,
-                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    features = tuple(sorted(flags.items())) + (("MASK_GRAD", mask_grad), ("SINKS", sinks is not None))
+                 **score_flags, USE_TMA=use_tma, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    features = tuple(sorted(flags.items())) + (("MASK_GRAD", mask_grad), ("SINKS", sinks_flag))
     common = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
     tail = (*(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
             *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)))
-    scalars = (scale, scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E, left, right,
-               float(dropout_p), int(seed) if dropout_p > 0 else 0, bucket(max_seqlen_q), bucket(max_seqlen_k))
+    scalars = (spec.scale, *spec.scalars(), bucket(max_seqlen_q), bucket(max_seqlen_k))
 
     work = bucket(max_seqlen_q) * bucket(max_seqlen_k)
     if use_tma and q.is_cuda:
@@ -228,7 +223,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, softcap, alibi_slopes, s
         stride_lb, stride_lh, stat_stride_b, rows, *tail,
         hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q,
         _head_group(right >= 0, max_seqlen_k, (head_d + head_dv) * k.element_size(), batch * hq),
-        *scalars, MASK_GRAD=mask_grad, SINKS=sinks is not None, ROW_PAD=ROW_PAD,
+        *scalars, MASK_GRAD=mask_grad, SINKS=sinks_flag, ROW_PAD=ROW_PAD,
         **flags, **meta)
     kernel, meta = _launcher(_bwd_dkdv_kernel, "dkdv", _configs(_DKDV, q, block_d, block_dv, work), features)
     kernel[lambda m: (cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap

@@ -346,8 +346,7 @@ def _decode_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + t64 * stride_ls + pid_s * stride_lsplit, lse, mask=row_ok)
 
 
-def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, *, scale, window,
-                     softcap, alibi_slopes, sinks, plan):
+def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, spec, *, plan):
     """Append k_new/v_new to the caches, then attend q (B, Sn, Hq, D) to the first
     cache_seqlens[b] (+ Sn with new keys) keys of each sequence.
 
@@ -375,7 +374,8 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
         l_strides = (*lse.stride(), 0)
     paged = block_table is not None
     has_new = k_new is not None
-    left, right = window
+    alibi_slopes, sinks, softcap = spec.alibi_slopes, spec.sinks, spec.softcap
+    scale, (left, right) = spec.scale, spec.window
     fast(_decode_kernel)[(B * Hkv, splits, plan.m_blocks)](
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, alibi_slopes, sinks, dst_o, dst_lse,
         q.stride(0), q.stride(1), q.stride(2),

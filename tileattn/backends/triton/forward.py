@@ -233,9 +233,10 @@ def _outputs(q, v, varlen, batch, seqlen_q, hq):
     return out, lse, (lse.stride(0), lse.stride(1))
 
 
-def run_forward(q, k, v, fplan, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed,
-                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
-    """Launch the forward with an explicit ``plan.FwdPlan`` (the contract's ``forward`` plans first)."""
+def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                max_seqlen_k=None):
+    """Launch the forward for ``spec`` (a ScoreSpec) with an explicit ``plan.FwdPlan`` (the
+    contract's ``forward`` plans first)."""
     varlen = cu_seqlens_q is not None
     hq = q.shape[-2]
     if varlen:
@@ -249,9 +250,7 @@ def run_forward(q, k, v, fplan, *, scale, window, softcap, alibi_slopes, sinks, 
     out, lse, lse_strides = _outputs(q, v, varlen, batch, seqlen_q, hq)
     if out.numel() == 0 or max_seqlen_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    # a window wider than any |i + off - j| (< 2^30) is the same window; clamping keeps i32 math exact
-    window_left, window_right = (w if w < 0 else min(w, 2**30) for w in window)
-    mask_kind = 0 if attn_mask is None else (1 if attn_mask.dtype == torch.bool else 2)
+    sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
     grid = lambda meta: (_plan.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
     kernel = fast(_plan.forward_kernel(_fwd_kernel, fplan))
     if fplan.use_tma and q.is_cuda:
@@ -262,26 +261,20 @@ def run_forward(q, k, v, fplan, *, scale, window, softcap, alibi_slopes, sinks, 
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *lse_strides,
             *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
             *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)),
-            hq, hq // k.shape[-2], seqlen_q, seqlen_k, max_seqlen_q,
-            scale * LOG2E, scale / softcap if softcap > 0 else 0.0, softcap * LOG2E,
-            window_left, window_right, float(dropout_p), int(seed) if dropout_p > 0 else 0,
+            hq, hq // k.shape[-2], seqlen_q, seqlen_k, max_seqlen_q, *spec.scalars(),
             _plan.bucket(max_seqlen_q), _plan.bucket(tune_sk),
             HEAD_D=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_D=fplan.block_d, BLOCK_DV=fplan.block_dv,
-            IS_VARLEN=varlen, SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, MASK_KIND=mask_kind,
-            HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, SINKS=sinks is not None,
-            DROPOUT=dropout_p > 0, USE_TMA=fplan.use_tma, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            IS_VARLEN=varlen, **spec.constexprs(), USE_TMA=fplan.use_tma,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
             **fplan.launch_kwargs(),
         )
     return out, lse
 
 
-def forward(q, k, v, *, scale, window, softcap, alibi_slopes, sinks, attn_mask, dropout_p, seed,
-            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+def forward(q, k, v, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
     """Backend-contract forward (see ``tileattn.backends``) -> (out, lse)."""
-    fplan = _plan.forward_plan(q, k, v, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                               sinks=sinks, attn_mask=attn_mask, dropout_p=dropout_p,
+    fplan = _plan.forward_plan(q, k, v, window=spec.window, softcap=spec.softcap, alibi_slopes=spec.alibi_slopes,
+                               sinks=spec.sinks, attn_mask=spec.attn_mask, dropout_p=spec.dropout_p,
                                varlen=cu_seqlens_q is not None)
-    return run_forward(q, k, v, fplan, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                       sinks=sinks, attn_mask=attn_mask, dropout_p=dropout_p, seed=seed,
-                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+    return run_forward(q, k, v, spec, fplan, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)

@@ -10,8 +10,8 @@ combine kernel when the plan has several splits).
     >>> kc, vc = (torch.zeros(2, 4096, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
     >>> kn, vn = (torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
     >>> seqlens = torch.tensor([17, 4000], dtype=torch.int32, device="cuda")
-    >>> out, lse = forward_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=None,
-    ...     scale=128 ** -0.5, window=(-1, 0), softcap=0.0, alibi_slopes=None, sinks=None,
+    >>> spec = ScoreSpec(scale=128 ** -0.5, window=(-1, 0))   # causal
+    >>> out, lse = forward_kvcache(q, kc, vc, kn, vn, spec, cache_seqlens=seqlens, block_table=None,
     ...     num_splits=0)   # out (2, 1, 32, 128) bf16, lse (2, 32, 1) fp32
 """
 
@@ -108,8 +108,7 @@ def plan_kvcache(q, k_cache, v_cache, block_table, num_splits=0):
                       q.device, int(os.environ.get("TILEATTN_DECODE_BLOCK_N", 0)))
 
 
-def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, scale, window,
-                    softcap, alibi_slopes, sinks, num_splits):
+def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits):
     """Backend contract (see ``tileattn.backends``): append k_new/v_new in place, then attend.
 
     q (B, Sn, Hq, D); caches (B, Smax, Hkv, D[v]) or paged (num_blocks, page_size, Hkv, D[v])
@@ -118,6 +117,4 @@ def forward_kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_t
     Returns out (B, Sn, Hq, Dv) in q.dtype and lse (B, Hq, Sn) float32.
     """
     plan = plan_kvcache(q, k_cache, v_cache, block_table, num_splits)
-    return decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale=scale,
-                            window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                            plan=plan)
+    return decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, spec, plan=plan)
