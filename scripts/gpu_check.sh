@@ -12,6 +12,7 @@
 #   MARK          pytest -m expression (default: none, every test runs, Triton ones on the GPU)
 #   SETS          benchmark sets, in order (default "prefill decode"; "" for none)
 #   PROVIDERS, MODES, FILTER   passed to benchmarks.run as --providers / --modes / --filter
+#   SANITIZE      1: also run scripts/sanitize_kernels.py under compute-sanitizer (memcheck, racecheck)
 #   DEADLINE      seconds for the whole script (default 530: under the 10-minute call limit)
 #   TEST_TIMEOUT  cap for the test step in seconds (default 240)
 # Writes $OUT/{nvidia-smi.txt,tests.log,junit.xml,<set>.json,<set>.log,report.md}; the report
@@ -58,6 +59,18 @@ if [ "$TESTS" != skip ]; then
     status=1
     [ "$rc" -ge 124 ] && echo "tests: TIMED OUT after ${t}s (rc $rc)" || echo "tests: FAILED (rc $rc)"
   fi
+fi
+
+if [ "${SANITIZE:-0}" = 1 ]; then  # every kernel variant once under memcheck; decode + combine under racecheck
+  echo "== compute-sanitizer"
+  for tool in "memcheck prefill decode" "racecheck decode"; do
+    read -r name parts <<<"$tool"
+    timeout -k 10 "$(( $(left) > 60 ? $(left) - 30 : 30 ))" compute-sanitizer --tool "$name" --error-exitcode 1 \
+      python3 scripts/sanitize_kernels.py $parts >"$OUT/sanitize-$name.log" 2>&1
+    rc=$?
+    tail -n 3 "$OUT/sanitize-$name.log"
+    [ "$rc" -ne 0 ] && status=1 && echo "sanitizer $name: FAILED (rc $rc)"
+  done
 fi
 
 bench_args=()
