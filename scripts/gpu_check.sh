@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU check on the H200 machine (sm_90): GPU facts, the test suite, the benchmark sets, report.
-# The one GPU script; one-off measurements live in benchmarks/probes/ (docs/performance.md, method).
+# One-off measurement tools live in benchmarks/probes/ (docs/performance.md, method).
 #
 #   bash scripts/gpu_check.sh                  # from the repo root; writes to $OUT (default ./gpu_out)
 #   TESTS=skip SETS=prefill FILTER='D=128' bash scripts/gpu_check.sh
 #
 # Runs with the machine's python3 as it is (torch+cu130, triton 3.6, pytest, hypothesis):
 # no venv, no installs. Knobs (environment):
-#   TESTS         pytest paths/args, word-split (default "tests"; e.g. "tests/test_fwd.py -k causal");
+#   TESTS         pytest paths/args, word-split (default "tests"; e.g. "tests/test_triton_forward.py -k causal");
 #                 "skip" skips the tests
 #   MARK          pytest -m expression (default: none, every test runs, Triton ones on the GPU)
 #   SETS          benchmark sets, in order (default "prefill decode"; "" for none)
