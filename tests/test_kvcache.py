@@ -287,7 +287,7 @@ def test_helpers_gather_round_trip_and_unread_pages():
     (lambda c, k: kvcache.append(c.k, c.v, k, k, c.seqlens.long(), c.block_table), TypeError, "cache_seqlens"),
     (lambda c, k: kvcache.append(c.k, c.v, k, k, c.seqlens, c.block_table.long()), TypeError, "block_table"),
     (lambda c, k: kvcache.append(c.k, c.v, k, k, c.seqlens, c.block_table + 100), ValueError, "page ids"),
-    (lambda c, k: kvcache.append(c.k, c.v, k.double(), k, c.seqlens, c.block_table), TypeError, "k is"),
+    (lambda c, k: kvcache.append(c.k, c.v, k.double(), k, c.seqlens, c.block_table), TypeError, "k has dtype"),
     (lambda c, k: kvcache.allocate(2, 16, 2, 4, block_size=0), ValueError, "block_size"),
     (lambda c, k: kvcache.allocate(2, 16, 2, 4, block_size=4, num_blocks=7), ValueError, "num_blocks"),
     (lambda c, k: kvcache.allocate(2, 16, 2, 4, num_blocks=8), ValueError, "num_blocks"),

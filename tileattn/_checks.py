@@ -5,9 +5,13 @@ what was received. Checks that need a device->host sync (cu_seqlens values, page
 capacity) run on CPU tensors always and on GPU tensors only when ``TILEATTN_DEBUG=1``.
 """
 
+import math
+import numbers
 import os
 
 import torch
+
+from . import paged
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -43,6 +47,8 @@ def heads_and_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name="k"
     """q (..., Hq, D), k (..., Hkv, D), v (..., Hkv, Dv): GQA divisibility and head dims."""
     hq, d = q.shape[-2:]
     hkv, dk = k.shape[-2:]
+    if hq == 0:
+        raise ValueError(f"tileattn: q has 0 heads; it needs Hq >= 1 (a multiple of {k_name}'s {hkv} heads)")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"tileattn: {k_name} has {hkv} heads, which does not divide q's {hq} heads (Hq % Hkv must be 0)")
     if dk != d:
@@ -54,23 +60,56 @@ def heads_and_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name="k"
             raise ValueError(f"tileattn: {name} has head dim {dim}; supported head dims are 1..{MAX_HEAD_DIM}")
 
 
-def options(*, scale, window, softcap, dropout_p=0.0) -> None:
-    if scale is not None and not isinstance(scale, (int, float)):
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def flag(name: str, x) -> None:
+    """A bool keyword (causal, deterministic, return_lse, is_causal, enable_gqa)."""
+    if not isinstance(x, bool):
+        raise TypeError(f"tileattn: {name} must be a bool, got {type(x).__name__} {x!r}")
+
+
+def options(*, scale, window, softcap, dropout_p=0.0, causal=False, deterministic=False, return_lse=False,
+            backend="auto", num_splits=None) -> None:
+    """The scalar keywords of every entry point: types (TypeError), then values (ValueError)."""
+    if scale is not None and not _is_real(scale):
         raise TypeError(f"tileattn: scale must be a float or None, got {type(scale).__name__}")
-    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"tileattn: scale must be finite (any sign), got {scale}")
+    if not isinstance(window, (tuple, list)) or not all(_is_int(w) for w in window):
+        raise TypeError(f"tileattn: window must be a (left, right) pair of ints, got {window!r}")
+    if len(window) != 2:
         raise ValueError(f"tileattn: window must be a (left, right) pair of ints, got {window!r}")
     if min(window) < -1:
         raise ValueError(f"tileattn: window must have entries >= -1 (-1 = unbounded), got {tuple(window)}")
-    if softcap < 0:
-        raise ValueError(f"tileattn: softcap must be >= 0 (0 disables it), got {softcap}")
+    if not _is_real(softcap):
+        raise TypeError(f"tileattn: softcap must be a float (0 disables it), got {type(softcap).__name__}")
+    if math.isnan(softcap) or softcap < 0:
+        raise ValueError(f"tileattn: softcap must be >= 0 (0 or inf disables it), got {softcap}")
+    if not _is_real(dropout_p):
+        raise TypeError(f"tileattn: dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"tileattn: dropout_p must be in [0, 1), got {dropout_p}")
+    for name, x in (("causal", causal), ("deterministic", deterministic), ("return_lse", return_lse)):
+        flag(name, x)
+    if not isinstance(backend, str):
+        raise TypeError(f"tileattn: backend must be a str, got {type(backend).__name__}")
+    if num_splits is not None and not _is_int(num_splits):
+        raise TypeError(f"tileattn: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    if num_splits is not None and num_splits < 0:
+        raise ValueError(f"tileattn: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
 
 
-def per_head(name: str, t, q: torch.Tensor, batch: int, hq: int, allow_batch: bool) -> None:
-    """alibi_slopes (Hq,) or (B, Hq); sinks (Hq,): floating, on q's device."""
+def per_head(name: str, t, q: torch.Tensor, batch: int, hq: int, allow_batch: bool):
+    """alibi_slopes (Hq,) or (B, Hq); sinks (Hq,): floating, on q's device. Returns ``t``
+    contiguous (a small copy when it is a strided view), so no backend depends on its strides."""
     if t is None:
-        return
+        return None
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise TypeError(f"tileattn: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if t.device != q.device:
@@ -79,6 +118,7 @@ def per_head(name: str, t, q: torch.Tensor, batch: int, hq: int, allow_batch: bo
     if tuple(t.shape) not in shapes:
         want = " or ".join(str(s) for s in shapes)
         raise ValueError(f"tileattn: {name} must have shape {want}, got {tuple(t.shape)}")
+    return t.contiguous()
 
 
 def attn_mask(mask, q: torch.Tensor, target: tuple) -> None:
@@ -94,23 +134,30 @@ def attn_mask(mask, q: torch.Tensor, target: tuple) -> None:
         raise ValueError(f"tileattn: attn_mask of shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Sq, Sk) = {target}")
 
 
-def index_tensor(name: str, t, q: torch.Tensor, rank: int) -> None:
+def index_tensor(name: str, t, ref: torch.Tensor, rank: int, ref_name: str = "q") -> torch.Tensor:
+    """An int32 tensor of ``rank`` dims on ``ref``'s device; returned contiguous (index tensors
+    are small, and every backend reads them as packed arrays)."""
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
         raise TypeError(f"tileattn: {name} must be an int32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if t.device != q.device:
-        raise TypeError(f"tileattn: {name} is on {t.device} but q is on {q.device}")
+    if t.device != ref.device:
+        raise TypeError(f"tileattn: {name} is on {t.device} but {ref_name} is on {ref.device}")
     if t.dim() != rank:
         raise ValueError(f"tileattn: {name} must have {rank} dims, got shape {tuple(t.shape)}")
+    return t.contiguous()
 
 
 def cache_capacity(k_cache: torch.Tensor, block_table) -> int:
-    """Tokens one sequence can hold: Smax of a contiguous (B, Smax, Hkv, D) cache, or
-    max_blocks * block_size of a paged (num_blocks, block_size, Hkv, D) cache."""
-    return k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+    """Tokens one sequence can hold (see :func:`tileattn.paged.capacity`)."""
+    return paged.capacity(k_cache, block_table)
 
 
-def cu_seqlens(name: str, cu, total: int, q: torch.Tensor) -> None:
-    index_tensor(name, cu, q, 1)
+# ----------------------------------------------------------------------------- varlen
+
+
+def cu_seqlens(name: str, cu, total: int, q: torch.Tensor) -> torch.Tensor:
+    """int32 (B+1,) offsets from 0 to ``total``, non-decreasing (values read where
+    :func:`debug_checks` allows). Returns the tensor contiguous."""
+    cu = index_tensor(name, cu, q, 1)
     if cu.numel() < 2:
         raise ValueError(f"tileattn: {name} must have B+1 >= 2 entries, got {cu.numel()}")
     if debug_checks(cu):
@@ -121,3 +168,147 @@ def cu_seqlens(name: str, cu, total: int, q: torch.Tensor) -> None:
             raise ValueError(f"tileattn: {name} ends at {last} but the tensor holds {total} tokens")
         if bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"tileattn: {name} must be non-decreasing, got {cu.tolist()}")
+    return cu
+
+
+def varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """Validate attention_varlen's lengths -> (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k).
+
+    The offsets come back contiguous; a ``max_seqlen_*`` of None is filled with the real
+    maximum (a host read). A given ``max_seqlen_*`` must be >= every length: checked from
+    host-known numbers always (B * max >= total tokens) and against the offsets wherever
+    reading them costs no sync (CPU tensors) or ``TILEATTN_DEBUG=1``.
+    """
+    cu_q = cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q)
+    cu_k = cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q)
+    if cu_k.numel() != cu_q.numel():
+        raise ValueError(f"tileattn: cu_seqlens_k has {cu_k.numel()} entries but cu_seqlens_q has "
+                         f"{cu_q.numel()}; both must be B+1 long")
+    batch = cu_q.numel() - 1
+    maxima = []
+    for name, given, cu, total in (("max_seqlen_q", max_seqlen_q, cu_q, q.shape[0]),
+                                   ("max_seqlen_k", max_seqlen_k, cu_k, k.shape[0])):
+        if given is not None and not _is_int(given):
+            raise TypeError(f"tileattn: {name} must be an int or None, got {type(given).__name__} {given!r}")
+        if given is None or debug_checks(cu):
+            longest = int((cu[1:] - cu[:-1]).max())
+            if given is None:
+                given = longest
+            elif given < longest:
+                raise ValueError(f"tileattn: {name}={given} is smaller than the longest sequence ({longest} tokens); "
+                                 f"it must be an upper bound on the lengths (or None)")
+        if given < 0 or batch * given < total:
+            raise ValueError(f"tileattn: {name}={given} is smaller than the longest sequence (B={batch} sequences "
+                             f"hold {total} tokens); it must be an upper bound on the lengths (or None)")
+        maxima.append(int(given))
+    return cu_q, cu_k, maxima[0], maxima[1]
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+def _cache_layout(name: str, cache: torch.Tensor, written: bool) -> None:
+    """A cache is read and written in place: its last dim must be unit-stride (no copy could
+    carry a write back), and a cache that is written must not alias itself (a stride-0,
+    expanded dim would make two positions one memory cell)."""
+    if cache.shape[-1] > 1 and cache.stride(-1) != 1:
+        raise ValueError(f"tileattn: {name} has strides {tuple(cache.stride())}; a cache needs a unit stride in its "
+                         f"last dim (it is used in place, so it cannot be copied): pass a tensor whose last dim is "
+                         f"contiguous")
+    if written and any(st == 0 and n > 1 for st, n in zip(cache.stride(), cache.shape)):
+        raise ValueError(f"tileattn: {name} is an expanded view (strides {tuple(cache.stride())} with a 0 stride): "
+                         f"writing k/v into it would write several positions at one address; pass a real tensor")
+
+
+def block_table(table, cache: torch.Tensor, batch=None) -> torch.Tensor:
+    """int32 (B, max_blocks) page table on the cache's device, returned contiguous."""
+    table = index_tensor("block_table", table, cache, 2, "the cache")
+    if batch is not None and table.shape[0] != batch:
+        raise ValueError(f"tileattn: block_table must have B={batch} rows, got {table.shape[0]}")
+    return table
+
+
+def kvcache(k_cache, v_cache, k, v, cache_seqlens, table, *, q=None) -> tuple:
+    """Validate a cache call -- ``attention_with_kvcache`` (``q`` given) or
+    ``tileattn.kvcache.append`` (``q`` None, ``k``/``v`` required) -- before anything is
+    written. Returns ``(cache_seqlens, block_table)``: lengths as a contiguous int32 (B,)
+    tensor on the cache's device (a Python int is range-checked first), the table contiguous.
+
+    Value checks (0 <= cache_seqlens, cache_seqlens + Sn <= capacity, the page ids of every
+    position read or written inside [0, num_blocks)) read device memory, so they run where
+    :func:`debug_checks` allows; a Python int length is always checked.
+    """
+    ref, ref_name = (q, "q") if q is not None else (k_cache, "k_cache")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t is not None or name != "q":
+            tensor(name, t, 4)
+    if (k is None) != (v is None):
+        raise ValueError("tileattn: pass both k and v (new tokens to append) or neither")
+    if k is not None:
+        tensor("k", k, 4)
+        tensor("v", v, 4)
+    _same(ref, ref_name, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
+    if q is not None:
+        heads_and_dims(q, k_cache, v_cache, "k_cache", "v_cache")
+    elif k_cache.shape[2] != v_cache.shape[2]:
+        raise ValueError(f"tileattn: v_cache has {v_cache.shape[2]} heads but k_cache has {k_cache.shape[2]}")
+    if k_cache.shape[:2] != v_cache.shape[:2]:
+        raise ValueError(f"tileattn: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must share "
+                         f"their first two dims")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _cache_layout(name, cache, written=k is not None)
+    if q is not None:
+        batch, sn = q.shape[:2]
+    else:
+        batch, sn = (table.shape[0] if isinstance(table, torch.Tensor) else k_cache.shape[0]), k.shape[1]
+    if k is not None:
+        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            want = (batch, sn, cache.shape[2], cache.shape[3])
+            if tuple(t.shape) != want:
+                raise ValueError(f"tileattn: {name} must have shape (B, Sn, Hkv, D) = {want}, got {tuple(t.shape)}")
+    if table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"tileattn: contiguous k_cache must have batch {batch} in dim 0, got {k_cache.shape[0]}")
+    else:
+        table = block_table(table, k_cache, batch)
+    capacity = paged.capacity(k_cache, table)
+    new = 0 if k is None else sn
+    if _is_int(cache_seqlens):
+        if not 0 <= cache_seqlens <= capacity - new:
+            raise ValueError(f"tileattn: cache_seqlens={cache_seqlens} with Sn={new} new tokens must lie in "
+                             f"[0, {capacity - new}]: the cache capacity is {capacity}")
+        cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=k_cache.device)
+    elif not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"tileattn: cache_seqlens must be an int32 tensor or an int, got {type(cache_seqlens).__name__}")
+    cache_seqlens = index_tensor("cache_seqlens", cache_seqlens, ref, 1, ref_name)
+    if cache_seqlens.numel() != batch:
+        raise ValueError(f"tileattn: cache_seqlens must have B={batch} entries, got {cache_seqlens.numel()}")
+    if debug_checks(cache_seqlens) and batch:
+        _cache_values(cache_seqlens, new, capacity, table, k_cache.shape[0], k_cache.shape[1])
+    return cache_seqlens, table
+
+
+def _same(ref, ref_name, **others) -> None:
+    for name, t in others.items():
+        if t is None or t is ref:
+            continue
+        if t.dtype != ref.dtype:
+            raise TypeError(f"tileattn: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; q, the caches and "
+                            f"k/v must share one dtype")
+        if t.device != ref.device:
+            raise TypeError(f"tileattn: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _cache_values(cache_seqlens, new, capacity, table, num_blocks, page_size) -> None:
+    """Host-side value checks of a cache call (a device read: see :func:`kvcache`)."""
+    lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+    if lo < 0:
+        raise ValueError(f"tileattn: cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
+    if hi + new > capacity:
+        raise ValueError(f"tileattn: cache_seqlens + Sn reaches {hi + new} tokens, beyond the cache capacity "
+                         f"{capacity} (cache_seqlens={cache_seqlens.tolist()}, Sn={new})")
+    if table is not None:
+        pages = paged.pages_in_use(table, cache_seqlens.long() + new, page_size)
+        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= num_blocks):
+            raise ValueError(f"tileattn: block_table holds page ids outside [0, {num_blocks}) among the pages in use "
+                             f"(got {int(pages.min())}..{int(pages.max())})")

@@ -66,12 +66,13 @@ def _unit_stride(*tensors):
     return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, batch):
+def _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, batch, **flags):
+    """Validate the shared arguments; returns (alibi_slopes, sinks) contiguous."""
     _checks.same_dtype_device(q, k=k, v=v)
     _checks.heads_and_dims(q, k, v)
-    _checks.options(scale=scale, window=window, softcap=softcap, dropout_p=dropout_p)
-    _checks.per_head("alibi_slopes", alibi_slopes, q, batch, q.shape[-2], allow_batch=True)
-    _checks.per_head("sinks", sinks, q, batch, q.shape[-2], allow_batch=False)
+    _checks.options(scale=scale, window=window, softcap=softcap, dropout_p=dropout_p, **flags)
+    return (_checks.per_head("alibi_slopes", alibi_slopes, q, batch, q.shape[-2], allow_batch=True),
+            _checks.per_head("sinks", sinks, q, batch, q.shape[-2], allow_batch=False))
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
@@ -108,7 +109,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     if k.shape[0] != q.shape[0] or v.shape[:2] != k.shape[:2]:
         raise ValueError(f"tileattn: q, k, v must share batch and k, v the key length; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, q.shape[0])
+    alibi_slopes, sinks = _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, q.shape[0],
+                                         causal=causal, deterministic=deterministic, return_lse=return_lse,
+                                         backend=backend)
     _checks.attn_mask(attn_mask, q, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     name = _backend(backend, q, _needs(q, k, v, sinks, attn_mask))
     q, k, v = _unit_stride(q, k, v)
@@ -126,7 +129,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv).
         cu_seqlens_q, cu_seqlens_k: int32 (B+1,) on q's device, starting at 0; sequence b owns
             rows cu[b]:cu[b+1]. Zero-length sequences are allowed.
-        max_seqlen_q, max_seqlen_k: upper bounds on the lengths; give them to avoid a host sync.
+        max_seqlen_q, max_seqlen_k: int, maximum query / key sequence length in the batch (as
+            flash-attn's). Give them to avoid a host sync; None reads them from cu_seqlens.
+            They must be >= every sequence's length: a smaller value is an error, raised as a
+            ``tileattn:`` ValueError where it costs no sync (CPU tensors; always when
+            B * max_seqlen < total tokens) and under ``TILEATTN_DEBUG=1`` on the GPU, and
+            undefined (rows past it are not computed) otherwise.
         Other keywords as in :func:`attention` (masking is per sequence, with off = Sk_b - Sq_b).
 
     Returns:
@@ -142,18 +150,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         _checks.tensor(name, t, 3)
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"tileattn: k and v must hold the same tokens, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    _checks.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q)
-    _checks.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q)
-    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
-        raise ValueError(f"tileattn: cu_seqlens_k has {cu_seqlens_k.numel()} entries but cu_seqlens_q has "
-                         f"{cu_seqlens_q.numel()}; both must be B+1 long")
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = _checks.varlen(
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
     batch = cu_seqlens_q.numel() - 1
-    _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, batch)
+    alibi_slopes, sinks = _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, batch,
+                                         causal=causal, deterministic=deterministic, return_lse=return_lse,
+                                         backend=backend)
     name = _backend(backend, q, _needs(q, k, v, sinks))
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    if max_seqlen_k is None:
-        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     q, k, v = _unit_stride(q, k, v)
     spec = ScoreSpec.build(q.shape[-1], causal=causal, scale=scale, window=window, softcap=softcap,
                            alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p)
@@ -184,54 +187,6 @@ class _NoBackward(torch.autograd.Function):
                                   "attention_varlen() for training, or call it under torch.no_grad()")
 
 
-def _kvcache_checks(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
-    """Validate a (paged) cache call; value checks (lengths, page ids) only where they cost no sync."""
-    _checks.tensor("q", q, 4)
-    _checks.tensor("k_cache", k_cache, 4)
-    _checks.tensor("v_cache", v_cache, 4)
-    _checks.same_dtype_device(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
-    _checks.heads_and_dims(q, k_cache, v_cache, "k_cache", "v_cache")
-    batch, sn = q.shape[:2]
-    if k_cache.shape[:2] != v_cache.shape[:2]:
-        raise ValueError(f"tileattn: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must share "
-                         f"their first two dims")
-    if (k is None) != (v is None):
-        raise ValueError("tileattn: pass both k and v (new tokens to append) or neither")
-    if k is not None:
-        _checks.tensor("k", k, 4)
-        _checks.tensor("v", v, 4)
-        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
-            want = (batch, sn, cache.shape[2], cache.shape[3])
-            if tuple(t.shape) != want:
-                raise ValueError(f"tileattn: {name} must have shape (B, Sn, Hkv, D) = {want}, got {tuple(t.shape)}")
-    _checks.index_tensor("cache_seqlens", cache_seqlens, q, 1)
-    if cache_seqlens.numel() != batch:
-        raise ValueError(f"tileattn: cache_seqlens must have B={batch} entries, got {cache_seqlens.numel()}")
-    if block_table is None:
-        if k_cache.shape[0] != batch:
-            raise ValueError(f"tileattn: contiguous k_cache must have batch {batch} in dim 0, got {k_cache.shape[0]}")
-    else:
-        _checks.index_tensor("block_table", block_table, q, 2)
-        if block_table.shape[0] != batch:
-            raise ValueError(f"tileattn: block_table must have B={batch} rows, got {block_table.shape[0]}")
-    if _checks.debug_checks(cache_seqlens):
-        capacity = _checks.cache_capacity(k_cache, block_table)
-        new = 0 if k is None else sn
-        longest = int(cache_seqlens.max()) + new if batch else 0
-        if batch and int(cache_seqlens.min()) < 0:
-            raise ValueError(f"tileattn: cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
-        if longest > capacity:
-            raise ValueError(f"tileattn: cache_seqlens + Sn reaches {longest} tokens, beyond the cache capacity "
-                             f"{capacity}")
-        if block_table is not None and batch:
-            used = (cache_seqlens.long() + new + k_cache.shape[1] - 1) // k_cache.shape[1]
-            cols = torch.arange(block_table.shape[1], device=block_table.device)
-            pages = block_table[cols[None, :] < used[:, None]]
-            if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
-                raise ValueError(f"tileattn: block_table holds page ids outside [0, {k_cache.shape[0]}) "
-                                 f"(got {int(pages.min())}..{int(pages.max())})")
-
-
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
                            causal=True, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
                            sinks=None, num_splits=0, return_lse=False, backend="auto"):
@@ -257,14 +212,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         >>> q = torch.randn(2, 1, 8, 64); k = v = torch.randn(2, 1, 2, 64)
         >>> out = tileattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=10)
     """
-    if isinstance(cache_seqlens, int) and isinstance(q, torch.Tensor):
-        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    _kvcache_checks(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
-    _checks.options(scale=scale, window=window, softcap=softcap)
-    _checks.per_head("alibi_slopes", alibi_slopes, q, q.shape[0], q.shape[2], allow_batch=True)
-    _checks.per_head("sinks", sinks, q, q.shape[0], q.shape[2], allow_batch=False)
-    if not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"tileattn: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    cache_seqlens, block_table = _checks.kvcache(k_cache, v_cache, k, v, cache_seqlens, block_table, q=q)
+    _checks.options(scale=scale, window=window, softcap=softcap, causal=causal, return_lse=return_lse,
+                    backend=backend, num_splits=num_splits)
+    alibi_slopes = _checks.per_head("alibi_slopes", alibi_slopes, q, q.shape[0], q.shape[2], allow_batch=True)
+    sinks = _checks.per_head("sinks", sinks, q, q.shape[0], q.shape[2], allow_batch=False)
     name = _backend(backend, q, "forward_kvcache")
     q, k, v = _unit_stride(q, k, v)
     spec = ScoreSpec.build(q.shape[-1], causal=causal, scale=scale, window=window, softcap=softcap,
@@ -308,6 +260,8 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
             raise ValueError(f"tileattn: {name} must be a 3-D (B, L, E) or 4-D (B, H, L, E) tensor, "
                              f"got {getattr(t, 'shape', type(t).__name__)}")
+    _checks.flag("is_causal", is_causal)
+    _checks.flag("enable_gqa", enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("tileattn: pass either attn_mask or is_causal=True, not both (as torch's SDPA)")
     if not enable_gqa and query.shape[-3:-2] != key.shape[-3:-2] and query.dim() == 4:

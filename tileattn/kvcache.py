@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from tileattn._checks import cache_capacity, debug_checks
+from tileattn import _checks, paged
 
 
 @dataclass
@@ -56,7 +56,7 @@ class KVCache:
     @property
     def capacity(self) -> int:
         """Tokens each sequence can hold: Smax, or max_blocks * block_size when paged."""
-        return cache_capacity(self.k, self.block_table)
+        return paged.capacity(self.k, self.block_table)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k (B, Sn, Hkv, D), v (B, Sn, Hkv, Dv) after each sequence's tokens; advance seqlens."""
@@ -91,7 +91,7 @@ def allocate(batch: int, max_seqlen: int, num_kv_heads: int, head_dim: int, *, h
         return KVCache(torch.zeros(*shape, head_dim, dtype=dtype, device=device),
                        torch.zeros(*shape, dv, dtype=dtype, device=device), None, seqlens)
     _positive("block_size", block_size)
-    max_blocks = -(-max_seqlen // block_size)
+    max_blocks = paged.num_pages(max_seqlen, block_size)
     num_blocks = _num_blocks(num_blocks, batch * max_blocks)
     shape = (num_blocks, block_size, num_kv_heads)
     table = _block_table(batch, max_blocks, num_blocks, shuffle, generator).to(device)
@@ -106,22 +106,10 @@ def append(k_cache, v_cache, k, v, cache_seqlens, block_table=None) -> None:
     ``cache_seqlens`` (int32 (B,) or a Python int). Validates first, so a bad call writes nothing;
     capacity and page-id checks read device memory, so they run on CPU or with TILEATTN_DEBUG=1.
     """
-    _cache_pair(k_cache, v_cache, block_table)
-    batch = block_table.shape[0] if block_table is not None else k_cache.shape[0]
-    for name, new, cache in (("k", k, k_cache), ("v", v, v_cache)):
-        if not isinstance(new, torch.Tensor) or new.dim() != 4:
-            raise ValueError(f"tileattn: {name} must be a 4-d tensor (B, Sn, Hkv, D), got {_shape(new)}")
-        want = (batch, k.shape[1], *cache.shape[2:])
-        if tuple(new.shape) != want:
-            raise ValueError(f"tileattn: {name} must have shape {want} to match the cache, got {tuple(new.shape)}")
-        if new.dtype != cache.dtype or new.device != cache.device:
-            raise TypeError(f"tileattn: {name} is {new.dtype} on {new.device} but the cache is {cache.dtype} on {cache.device}")
-    cache_seqlens = _seqlens(cache_seqlens, batch, k_cache.device)
-    if debug_checks(k_cache):
-        _check_lengths(cache_seqlens, k.shape[1], cache_capacity(k_cache, block_table), block_table, k_cache.shape[0], k_cache.shape[1])
-    from tileattn.backends.cpu.decode import append_  # the attention path's own writes (torch ops, any device)
-
-    append_(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    cache_seqlens, block_table = _checks.kvcache(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    pos = paged.append_positions(cache_seqlens, k.shape[1])
+    paged.scatter_(k_cache, block_table, pos, k)
+    paged.scatter_(v_cache, block_table, pos, v)
 
 
 def gather(cache, block_table=None, seqlens=None) -> torch.Tensor:
@@ -133,20 +121,21 @@ def gather(cache, block_table=None, seqlens=None) -> torch.Tensor:
     if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
         raise ValueError(f"tileattn: cache must be a 4-d tensor, got {_shape(cache)}")
     if block_table is not None:
-        _block_table_arg(block_table, cache)
+        block_table = _checks.block_table(block_table, cache)
     batch = block_table.shape[0] if block_table is not None else cache.shape[0]
+    if seqlens is not None:
+        seqlens = _seqlens(seqlens, batch, cache.device).long()
     if block_table is None:
         dense = cache.clone()
     else:
-        bs = cache.shape[1]
-        pos = torch.arange(block_table.shape[1] * bs, device=cache.device)
-        pages = block_table.to(torch.long)[:, pos // bs]  # (B, capacity)
-        if seqlens is not None:
-            pages = pages.masked_fill(pos >= _seqlens(seqlens, batch, cache.device).long()[:, None], 0)
-        dense = cache[pages, (pos % bs).expand_as(pages)]
+        pos = torch.arange(paged.capacity(cache, block_table), device=cache.device).expand(batch, -1)
+        page, slot = paged.locate(block_table, pos, cache.shape[1])
+        if seqlens is not None:  # entries past seqlens may hold anything: read page 0 instead
+            page = page.masked_fill(pos >= seqlens[:, None], 0)
+        dense = cache[page, slot]
     if seqlens is not None:
         pos = torch.arange(dense.shape[1], device=cache.device)
-        dense[pos >= _seqlens(seqlens, batch, cache.device).long()[:, None]] = 0
+        dense[pos >= seqlens[:, None]] = 0
     return dense
 
 
@@ -165,7 +154,7 @@ def paged_from_contiguous(k, v, block_size, *, num_blocks=None, shuffle=False, g
         raise ValueError(f"tileattn: v has shape {tuple(v.shape)}, which does not match k's (B, Smax, Hkv) {tuple(k.shape[:3])}")
     _positive("block_size", block_size)
     batch, smax = k.shape[:2]
-    max_blocks = -(-smax // block_size)
+    max_blocks = paged.num_pages(smax, block_size)
     num_blocks = _num_blocks(num_blocks, batch * max_blocks)
     table = _block_table(batch, max_blocks, num_blocks, shuffle, generator).to(k.device)
     pages = []
@@ -204,25 +193,6 @@ def _block_table(batch, max_blocks, num_blocks, shuffle, generator):
     return order[:batch * max_blocks].reshape(batch, max_blocks).to(torch.int32)
 
 
-def _block_table_arg(block_table, cache):
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
-        raise TypeError(f"tileattn: block_table must be an int32 tensor, got {getattr(block_table, 'dtype', type(block_table).__name__)}")
-    if block_table.dim() != 2:
-        raise ValueError(f"tileattn: block_table must have shape (B, max_blocks), got {tuple(block_table.shape)}")
-    if block_table.device != cache.device:
-        raise TypeError(f"tileattn: block_table is on {block_table.device} but the cache is on {cache.device}")
-
-
-def _cache_pair(k_cache, v_cache, block_table):
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"tileattn: {name} must be a 4-d tensor, got {_shape(t)}")
-    if k_cache.shape[:3] != v_cache.shape[:3]:
-        raise ValueError(f"tileattn: v_cache has shape {tuple(v_cache.shape)}, which does not match k_cache's leading dims {tuple(k_cache.shape[:3])}")
-    if block_table is not None:
-        _block_table_arg(block_table, k_cache)
-
-
 def _seqlens(seqlens, batch, device):
     """A Python int or an int32 (B,) tensor -> int32 (B,) tensor on ``device``."""
     if isinstance(seqlens, int) and not isinstance(seqlens, bool):
@@ -234,17 +204,3 @@ def _seqlens(seqlens, batch, device):
     if seqlens.device != device:
         raise TypeError(f"tileattn: cache_seqlens is on {seqlens.device} but the cache is on {device}")
     return seqlens
-
-
-def _check_lengths(seqlens, sn, capacity, block_table, num_blocks, block_size):
-    """Host-side value checks: 0 <= seqlens, seqlens + Sn <= capacity, written pages in range."""
-    lens = seqlens.tolist()
-    if min(lens) < 0 or max(lens) + sn > capacity:
-        raise ValueError(f"tileattn: cache_seqlens + Sn must lie in [0, {capacity}] (the cache capacity), "
-                         f"got cache_seqlens={lens} with Sn={sn}")
-    if block_table is not None and sn > 0:
-        pos = seqlens.long()[:, None] + torch.arange(sn, device=seqlens.device)
-        pages = block_table.long().gather(1, pos // block_size)
-        if bool(((pages < 0) | (pages >= num_blocks)).any()):
-            raise ValueError(f"tileattn: block_table holds page ids outside [0, {num_blocks}) "
-                             f"where k/v are written: {sorted(set(pages.flatten().tolist()))}")
