@@ -13,7 +13,7 @@ import torch
 from helpers import assert_close, cu_seqlens, make_qkv
 from tileattn import _philox, reference
 from tileattn.backends import cpu
-from tileattn.backends.cpu import _tiles
+from tileattn.backends.cpu import _tiles, score
 from tileattn.score import ScoreSpec
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -104,7 +104,7 @@ SHAPES = [  # B, Sq, Sk, Hq, Hkv, D, Dv, causal, window
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:7])) + f"-c{int(s[7])}-w{s[8]}")
 def test_shapes_fp32(shape, running_max, small_tiles, monkeypatch):
     if running_max:  # force the forward's running-max path ([Note] fixed reference max)
-        monkeypatch.setattr(_tiles, "EXP2_SAFE", -1.0)
+        monkeypatch.setattr(score, "EXP2_SAFE", -1.0)
     B, Sq, Sk, Hq, Hkv, D, Dv, causal, window = shape
     _check(*make_qkv(B, Sq, Sk, Hq, Hkv, D, Dv), _contract(D, causal, window))
 

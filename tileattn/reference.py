@@ -24,11 +24,12 @@ The module also implements the internal backend contract (``forward``, ``backwar
 ``forward_kvcache``; see ``tileattn.backends``) so that ``backend="reference"`` works.
 """
 
-import math
+from dataclasses import replace
 
 import torch
 
-from tileattn import _philox
+from tileattn import _philox, paged
+from tileattn.score import ScoreSpec
 
 _NEG_INF = float("-inf")
 
@@ -36,13 +37,25 @@ _NEG_INF = float("-inf")
 # ----------------------------------------------------------------------------- the core
 
 
-def _core(q, k, v, *, scale, window, softcap, alibi, sinks, attn_mask, keep, dropout_p, dtype):
+def _core(q, k, v, spec, *, keep, dtype):
     """Dense attention computed in ``dtype``, step by step as API.md's score pipeline.
 
-    q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv); ``window`` (left, right) with
-    causal folded in; ``alibi`` None or (B, Hq); ``sinks`` None or (Hq,); ``attn_mask`` None
-    or bool (True = keep) / floating, broadcastable to (B, Hq, Sq, Sk); ``keep`` None or the
-    bool (B, Hq, Sq, Sk) dropout keep-mask. Returns out (B, Sq, Hq, Dv), lse (B, Hq, Sq) in dtype.
+    q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv); ``spec`` a
+    :class:`~tileattn.score.ScoreSpec` whose ``window`` has causal folded in, ``alibi_slopes``
+    None or (B, Hq), ``sinks`` None or (Hq,), ``attn_mask`` None or bool (True = keep) /
+    floating, broadcastable to (B, Hq, Sq, Sk); ``keep`` None or the bool (B, Hq, Sq, Sk)
+    dropout keep-mask. Returns out (B, Sq, Hq, Dv), lse (B, Hq, Sq) in dtype.
+
+    [Note] hidden keys
+        Row i *keeps* key j when the bool mask and the causal / window test keep (i, j); a
+        float mask (even -inf) is a score term, not a keep test. A row reads nothing of a key
+        it does not keep: a non-finite k_j or v_j reaches exactly the rows that keep j --
+        their out and lse are NaN, and so are the gradients that flow through them (dq of
+        those rows, dk / dv of the keys those rows keep, dsinks) -- and nothing else. Plain
+        matmuls cannot say that (0 * NaN = NaN in q @ k^T's backward and in P @ V), so a
+        non-finite key or value column is multiplied pair by pair, for kept pairs only
+        (:func:`_kept_products`); finite inputs take the plain matmuls. A non-finite query
+        makes its own row NaN (its gradient effect on other keys is not specified).
     """
     B, Sq, Hq, _ = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -51,32 +64,27 @@ def _core(q, k, v, *, scale, window, softcap, alibi, sinks, attn_mask, keep, dro
     vh = v.to(dtype).repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)    # (B, Hq, Sk, Dv)
     row = torch.arange(Sq, device=q.device).view(-1, 1) + (Sk - Sq)         # i + off
     col = torch.arange(Sk, device=q.device).view(1, -1)                     # j
+    kept = _kept(spec, row, col)                                            # steps 4 (bool) and 5
 
-    s = (qh @ kh.transpose(-1, -2)) * scale                                 # 1. scale
-    if softcap > 0:                                                         # 2. softcap
-        s = softcap * torch.tanh(s / softcap)
-    if alibi is not None:                                                   # 3. ALiBi
+    s = _kept_products(qh, kh, kept, contract_keys=False) * spec.scale      # 1. scale
+    if spec.softcap > 0:                                                    # 2. softcap
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    if spec.alibi_slopes is not None:                                       # 3. ALiBi
         wide = torch.promote_types(dtype, torch.float32)  # bias built in >= fp32, rounded once
-        s = s - (alibi.to(wide)[:, :, None, None] * (row - col).abs().to(wide)).to(dtype)
-    kept = torch.ones((), dtype=torch.bool, device=q.device)
-    if attn_mask is not None:                                               # 4. attn_mask
-        if attn_mask.dtype == torch.bool:
-            kept = kept & attn_mask
-        else:
-            s = s + attn_mask.to(dtype)
-    left, right = window                                                    # 5. causal/window
-    if left >= 0:
-        kept = kept & (col >= row - left)
-    if right >= 0:
-        kept = kept & (col <= row + right)
-    s = torch.where(kept, s, _NEG_INF)
+        slopes = spec.alibi_slopes.to(wide)[:, :, None, None]
+        s = s - (slopes * (row - col).abs().to(wide)).to(dtype)
+    mask = spec.attn_mask
+    if mask is not None and mask.dtype != torch.bool:                       # 4. float attn_mask
+        s = s + mask.to(dtype)
+    if kept is not None:                                                    # 4. bool mask, 5. window
+        s = torch.where(kept, s, _NEG_INF)
 
     # 6. softmax; the sink is one more logit that takes probability mass but has no value.
     # [Note] fully masked rows: the max is taken detached and replaced by 0 when it is -inf,
     # and denominators of 0 are replaced by 1 before dividing, so an empty row gives p = 0,
     # out = 0, lse = -inf (or the sink logit) and zero -- never NaN -- gradients.
-    if sinks is not None:
-        sink = sinks.to(dtype).view(1, Hq, 1, 1).expand(B, Hq, Sq, 1)
+    if spec.sinks is not None:
+        sink = spec.sinks.to(dtype).view(1, Hq, 1, 1).expand(B, Hq, Sq, 1)
     else:
         sink = s.new_full((B, Hq, Sq, 1), _NEG_INF)
     logits = torch.cat([s, sink], dim=-1)
@@ -87,86 +95,116 @@ def _core(q, k, v, *, scale, window, softcap, alibi, sinks, attn_mask, keep, dro
     nonempty = denom > 0
     safe = torch.where(nonempty, denom, 1.0)
     p = e[..., :Sk] / safe
+    if kept is not None:  # [Note] hidden keys: a NaN row (it keeps a NaN key) has no p for the rest
+        p = torch.where(kept, p, 0.0)
     lse = torch.where(nonempty, torch.log(safe) + m, _NEG_INF).squeeze(-1)
 
     if keep is not None:                                                    # 7. dropout
-        p = torch.where(keep.to(p.device), p, 0.0) / (1.0 - dropout_p)
-    out = (p @ vh).transpose(1, 2)                                          # 8. P @ V
+        p = torch.where(keep.to(p.device), p, 0.0) / (1.0 - spec.dropout_p)
+    out = _kept_products(p, vh, kept, contract_keys=True).transpose(1, 2)   # 8. P @ V
     return out, lse
 
 
-def _run(q, k, v, *, scale, window, softcap, alibi, sinks, attn_mask, dropout_p, dropout_mask,
-         seed, cu_seqlens_q, cu_seqlens_k, dtype):
-    """Dense (``cu_seqlens_q`` None) or varlen attention; dropout from ``dropout_mask`` or ``seed``.
+def _kept(spec, row, col):
+    """bool keep test of steps 4 (bool attn_mask) and 5 (causal / window), broadcastable to
+    (B, Hq, Sq, Sk), or None when every (i, j) is kept."""
+    kept = None
+    if spec.attn_mask is not None and spec.attn_mask.dtype == torch.bool:
+        kept = spec.attn_mask
+    left, right = spec.window
+    for on, test in ((left >= 0, lambda: col >= row - left), (right >= 0, lambda: col <= row + right)):
+        if on:
+            kept = test() if kept is None else kept & test()
+    return kept
+
+
+def _kept_products(a, b, kept, *, contract_keys):
+    """``a @ b^T`` (scores: a = q (.., Sq, D), b = k (.., Sk, D)) or ``a @ b`` (P @ V: a = p
+    (.., Sq, Sk), b = v (.., Sk, Dv)), where a key j whose b_j holds a non-finite value enters
+    only the pairs (i, j) that ``kept`` keeps ([Note] hidden keys): its column is computed
+    pair by pair from ``where(kept, b_j, 0)``, so hidden pairs contribute an exact 0 in value
+    and gradient. Finite b (or nothing hidden): the plain matmul."""
+    bad = ~torch.isfinite(b).all(-1)                                        # (B, Hq, Sk)
+    if kept is None or not bool(bad.any()):
+        return a @ b if contract_keys else a @ b.transpose(-1, -2)
+    keys = bad.any(0).any(0).nonzero().flatten()                            # columns with a non-finite value
+    clean = b.masked_fill(bad[..., None], 0.0)
+    out = a @ clean if contract_keys else a @ clean.transpose(-1, -2)
+    shape = (a.shape[0], a.shape[1], a.shape[2], b.shape[-2])
+    kept_j = kept.expand(shape)[..., keys]                                  # (B, Hq, Sq, J)
+    b_j = torch.where(kept_j[..., None], b[:, :, None, keys], 0.0)          # (B, Hq, Sq, J, E)
+    if contract_keys:  # out_i += sum_j p_ij v_j over the kept non-finite j
+        return out + (a[..., keys, None] * b_j).sum(-2)
+    return out.index_copy(-1, keys, (a[..., None, :] * b_j).sum(-1))      # s_ij = q_i . k_j, kept j
+
+
+def _run(q, k, v, spec, *, dropout_mask, cu_seqlens_q, cu_seqlens_k, dtype):
+    """Dense (``cu_seqlens_q`` None) or varlen attention; dropout from ``dropout_mask`` or the
+    spec's seed. ``spec.alibi_slopes`` None or (B, Hq).
 
     Dense returns out (B, Sq, Hq, Dv), lse (B, Hq, Sq); varlen q (Tq, Hq, D) returns
     out (Tq, Hq, Dv), lse (Hq, Tq), one dense call per sequence b (dropout batch index b).
     """
-    kw = dict(scale=scale, window=window, softcap=softcap, sinks=sinks, dropout_p=dropout_p, dtype=dtype)
-    drop = dropout_p > 0
-    if drop and dropout_mask is None and seed is None:
+    drop = spec.dropout_p > 0
+    if drop and dropout_mask is None and spec.seed is None:
         raise ValueError("reference: dropout_p > 0 needs dropout_mask or a seed")
     if cu_seqlens_q is None:
         B, Sq, Hq, _ = q.shape
         if drop and dropout_mask is None:
-            dropout_mask = _philox.keep_mask(seed, dropout_p, B, Hq, Sq, k.shape[1])
-        return _core(q, k, v, alibi=alibi, attn_mask=attn_mask, keep=dropout_mask if drop else None, **kw)
+            dropout_mask = _philox.keep_mask(spec.seed, spec.dropout_p, B, Hq, Sq, k.shape[1])
+        return _core(q, k, v, spec, keep=dropout_mask if drop else None, dtype=dtype)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     Hq = q.shape[1]
     outs, lses = [], []
     for b in range(len(cq) - 1):
         qb, kb, vb = q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]]
-        keep = _philox.keep_mask(seed, dropout_p, 1, Hq, qb.shape[1], kb.shape[1], b0=b) if drop else None
-        alibi_b = None if alibi is None else alibi[b:b + 1]
-        o, l = _core(qb, kb, vb, alibi=alibi_b, attn_mask=None, keep=keep, **kw)
+        keep = _philox.keep_mask(spec.seed, spec.dropout_p, 1, Hq, qb.shape[1], kb.shape[1], b0=b) if drop else None
+        o, l = _core(qb, kb, vb, _row(spec, b), keep=keep, dtype=dtype)
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs, dim=0), torch.cat(lses, dim=-1)
 
 
-def _kvcache(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, scale, window,
-             softcap, alibi, sinks, dtype):
+def _row(spec, b):
+    """The spec of batch row / sequence b alone: slopes (1, Hq), no attn_mask."""
+    slopes = None if spec.alibi_slopes is None else spec.alibi_slopes[b:b + 1]
+    return replace(spec, alibi_slopes=slopes, attn_mask=None)
+
+
+def _kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, dtype):
     """Append k_new/v_new into the cache in place, then attend each batch row to its keys.
 
-    Contiguous cache (B, Smax, Hkv, D[v]) or paged (num_blocks, block_size, Hkv, D[v]) with
-    block_table (B, max_blocks); position t of row b lives in page block_table[b, t // bs] at
-    slot t % bs. Returns out (B, Sn, Hq, Dv), lse (B, Hq, Sn) in dtype.
+    Contiguous cache (B, Smax, Hkv, D[v]) or paged (num_blocks, page_size, Hkv, D[v]) with
+    block_table (B, max_blocks), addressed by ``tileattn.paged``. Returns out (B, Sn, Hq, Dv),
+    lse (B, Hq, Sn) in dtype.
     """
     B, Sn = q.shape[:2]
     lens = cache_seqlens.tolist() if torch.is_tensor(cache_seqlens) else [int(cache_seqlens)] * B
     dev = k_cache.device
-
-    def where(b, pos):  # index tuple of cache positions ``pos`` of batch row b
-        if block_table is None:
-            return (b, pos)
-        bs = k_cache.shape[1]
-        return (block_table[b].to(dev)[pos // bs].long(), pos % bs)
-
     outs, lses = [], []
     for b in range(B):
         n = lens[b]
         if k_new is not None:
-            pos = torch.arange(n, n + Sn, device=dev)
+            at = paged.row_index(k_cache, block_table, b, torch.arange(n, n + Sn, device=dev))
             with torch.no_grad():
-                k_cache[where(b, pos)] = k_new[b].to(k_cache.dtype)
-                v_cache[where(b, pos)] = v_new[b].to(v_cache.dtype)
+                k_cache[at] = k_new[b].to(k_cache.dtype)
+                v_cache[at] = v_new[b].to(v_cache.dtype)
             n += Sn
-        idx = where(b, torch.arange(n, device=dev))
-        o, l = _core(q[b:b + 1], k_cache[idx][None], v_cache[idx][None], scale=scale, window=window,
-                     softcap=softcap, alibi=None if alibi is None else alibi[b:b + 1], sinks=sinks,
-                     attn_mask=None, keep=None, dropout_p=0.0, dtype=dtype)
+        keys = paged.row_index(k_cache, block_table, b, torch.arange(n, device=dev))
+        o, l = _core(q[b:b + 1], k_cache[keys][None], v_cache[keys][None], _row(spec, b), keep=None, dtype=dtype)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=0)
 
 
-def _normalize(q, causal, scale, window, alibi_slopes, batch):
-    """Public keywords -> contract form: default scale, causal folded into window, (B, Hq) slopes."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    window = (int(window[0]), 0 if causal else int(window[1]))
+def _spec(q, batch, causal, scale, window, softcap, alibi_slopes, sinks, attn_mask=None, dropout_p=0.0, seed=None):
+    """The public oracle's keywords as a ScoreSpec (slopes (B, Hq)); the tensors are kept as
+    given (float64 sinks stay float64 leaves), ``seed`` may be None."""
+    spec = ScoreSpec.build(q.shape[-1], causal=causal, scale=scale, window=window, softcap=softcap,
+                           dropout_p=dropout_p)
     if alibi_slopes is not None and alibi_slopes.dim() == 1:
         alibi_slopes = alibi_slopes.expand(batch, alibi_slopes.shape[0])
-    return scale, window, alibi_slopes
+    return replace(spec, alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask, seed=seed)
 
 
 def _result(out, lse, upcast, q):
@@ -188,11 +226,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     ``dropout_p > 0`` keeps the bool (B, Hq, Sq, Sk) ``dropout_mask``, or regenerates it with
     ``_philox.keep_mask(dropout_seed, ...)``. Differentiable in q, k, v, sinks, float mask.
     """
-    scale, window, alibi = _normalize(q, causal, scale, window, alibi_slopes, q.shape[0])
-    out, lse = _run(q, k, v, scale=scale, window=window, softcap=float(softcap), alibi=alibi,
-                    sinks=sinks, attn_mask=attn_mask, dropout_p=float(dropout_p),
-                    dropout_mask=dropout_mask, seed=dropout_seed, cu_seqlens_q=None,
-                    cu_seqlens_k=None, dtype=torch.float64 if upcast else q.dtype)
+    spec = _spec(q, q.shape[0], causal, scale, window, softcap, alibi_slopes, sinks, attn_mask, dropout_p,
+                 dropout_seed)
+    out, lse = _run(q, k, v, spec, dropout_mask=dropout_mask, cu_seqlens_q=None, cu_seqlens_k=None,
+                    dtype=torch.float64 if upcast else q.dtype)
     return _result(out, lse, upcast, q)
 
 
@@ -206,10 +243,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     off = sk_b - sq_b; dropout of sequence b is ``_philox.keep_mask(dropout_seed, p, 1, Hq,
     sq_b, sk_b, b0=b)``. ``max_seqlen_*`` are accepted and unused. Other keywords as ``attention``.
     """
-    scale, window, alibi = _normalize(q, causal, scale, window, alibi_slopes, len(cu_seqlens_q) - 1)
-    out, lse = _run(q, k, v, scale=scale, window=window, softcap=float(softcap), alibi=alibi,
-                    sinks=sinks, attn_mask=None, dropout_p=float(dropout_p), dropout_mask=None,
-                    seed=dropout_seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+    spec = _spec(q, len(cu_seqlens_q) - 1, causal, scale, window, softcap, alibi_slopes, sinks, None, dropout_p,
+                 dropout_seed)
+    out, lse = _run(q, k, v, spec, dropout_mask=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     dtype=torch.float64 if upcast else q.dtype)
     return _result(out, lse, upcast, q)
 
@@ -225,9 +261,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     0 .. cache_seqlens[b] + Sn (cache_seqlens[b] without k) are attended, causal bottom-right
     by default -> out (B, Sn, Hq, Dv), lse (B, Hq, Sn). ``num_splits`` is accepted and unused.
     """
-    scale, window, alibi = _normalize(q, causal, scale, window, alibi_slopes, q.shape[0])
-    out, lse = _kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                        scale=scale, window=window, softcap=float(softcap), alibi=alibi, sinks=sinks,
+    spec = _spec(q, q.shape[0], causal, scale, window, softcap, alibi_slopes, sinks)
+    out, lse = _kvcache(q, k_cache, v_cache, k, v, spec, cache_seqlens=cache_seqlens, block_table=block_table,
                         dtype=torch.float64 if upcast else q.dtype)
     return _result(out, lse, upcast, q)
 
@@ -235,16 +270,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
 # ----------------------------------------------------------------------------- backend contract
 
 
-def _spec_kw(spec):
-    """The ``_run`` / ``_kvcache`` keywords of a :class:`~tileattn.score.ScoreSpec`."""
-    return dict(scale=spec.scale, window=spec.window, softcap=spec.softcap, alibi=spec.alibi_slopes)
-
-
 def forward(q, k, v, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
     """Backend ``forward`` (see ``tileattn.backends``): float64 math, out in q.dtype, lse fp32."""
-    out, lse = _run(q, k, v, **_spec_kw(spec), sinks=spec.sinks, attn_mask=spec.attn_mask,
-                    dropout_p=spec.dropout_p, dropout_mask=None, seed=spec.seed,
-                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=torch.float64)
+    out, lse = _run(q, k, v, spec, dropout_mask=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                    dtype=torch.float64)
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
@@ -270,8 +299,7 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
             bias = attn_mask.detach().double().expand(shape).clone()
         attn_mask = bias.requires_grad_()
     with torch.enable_grad():
-        o, _ = _run(*leaves, **_spec_kw(spec), sinks=sinks64, attn_mask=attn_mask, dropout_p=spec.dropout_p,
-                    dropout_mask=None, seed=spec.seed,
+        o, _ = _run(*leaves, replace(spec, sinks=sinks64, attn_mask=attn_mask), dropout_mask=None,
                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, dtype=torch.float64)
         wrt = leaves + [t for t in (sinks64, bias) if t is not None]
         grads = torch.autograd.grad(o, wrt, dout.double(), allow_unused=True, materialize_grads=True)
@@ -284,6 +312,6 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
 
 def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits):
     """Backend ``forward_kvcache``: float64 math, out in q.dtype, lse fp32; mutates the caches."""
-    out, lse = _kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens,
-                        block_table=block_table, **_spec_kw(spec), sinks=spec.sinks, dtype=torch.float64)
+    out, lse = _kvcache(q, k_cache, v_cache, k_new, v_new, spec, cache_seqlens=cache_seqlens,
+                        block_table=block_table, dtype=torch.float64)
     return out.to(q.dtype).contiguous(), lse.float().contiguous()

@@ -15,8 +15,8 @@ Sub notation (as ``_tiles`` and the Triton decode kernel):
 
 Per sequence (so its result never depends on its batch companions):
 
-1. ``append_`` writes k_new/v_new in place (contiguous: row b; paged: page
-   ``block_table[b, pos // block_size]``, slot ``pos % block_size``).
+1. ``append_`` writes k_new/v_new in place (``tileattn.paged``: contiguous row b, or page
+   ``block_table[b, pos // page_size]`` slot ``pos % page_size``).
 2. The keys the window can keep, ``[lo, hi)``, are cut into ``num_splits`` near-equal runs
    (split-KV); each run is an online softmax over BLOCK_N-key tiles gathered from the cache
    (a paged tile is gathered slot by slot through the block table; the whole sequence is
@@ -24,22 +24,29 @@ Per sequence (so its result never depends on its batch companions):
 3. The runs are merged by their lse (flash-decoding's combine); the sink logit enters the
    merge as one more term that carries no value.
 
-The score pipeline (scale, softcap, ALiBi, window) is ``_tiles.Tiles.scores``, shared with the
-CPU forward and backward, so each rule is written once; as there, scores are fp32 in base 2
+The score pipeline (scale, softcap, ALiBi, window) and the online-softmax step are ``score.py``'s,
+shared with the CPU forward and backward, so each rule is written once; as there, scores are fp32 in base 2
 (``exp2``) whatever the cache dtype, and lse is converted back to natural log per run.
 Memory is O(Hq * Sn * BLOCK_N) per step; out is cast to q's dtype at the end.
 
 [Note] empty rows
     A row that keeps no key (``cache_seqlens = 0`` without new k/v, a window that excludes
-    every key) has m_i = -inf; the exponent is then taken against 0 (``m_use``) instead of -inf so no
-    ``-inf - -inf`` NaN appears, l_i stays 0, the run's lse is -inf and its out is 0. The
-    merge weights such runs by exp(-inf) = 0, so the row ends with out 0 and lse -inf (or the
-    sink logit when sinks are given), as API.md requires.
+    every key) has m_i = -inf (``score.softmax_step`` takes no ``-inf - -inf``), l_i stays 0,
+    the run's lse is -inf and its out is 0. The merge weights such runs by exp(-inf) = 0, so
+    the row ends with out 0 and lse -inf (or the sink logit when sinks are given), as API.md
+    requires.
+
+A tile with hidden pairs (the causal diagonal of the new keys, a window edge) whose k or v
+holds a non-finite value runs ``score``'s exact path ([Note] hidden keys): a NaN key the
+causal mask hides from a new token does not reach that token's row.
 """
 
 import torch
 
-from ._tiles import LN2, NEG_INF, Tiles
+from tileattn import paged
+
+from . import score
+from .score import LN2, NEG_INF, TileScore
 
 BLOCK_N = 256  # keys per tile; tests lower it to exercise many tiles on short caches
 
@@ -50,15 +57,9 @@ def append_(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     with ``block_table`` None, or paged (num_blocks, block_size, Hkv, D[v]) with an int32
     ``block_table`` (B, max_blocks). Indices are built on the cache's device: no host sync.
     """
-    batch, sn = k_new.shape[:2]
-    pos = cache_seqlens.to(torch.long)[:, None] + torch.arange(sn, device=k_cache.device)  # (B, Sn)
-    if block_table is None:
-        index = (torch.arange(batch, device=k_cache.device)[:, None].expand(batch, sn), pos)
-    else:
-        block_size = k_cache.shape[1]
-        index = (block_table.to(torch.long).gather(1, pos // block_size), pos % block_size)
-    k_cache[index] = k_new.to(k_cache.dtype)
-    v_cache[index] = v_new.to(v_cache.dtype)
+    pos = paged.append_positions(cache_seqlens, k_new.shape[1])
+    paged.scatter_(k_cache, block_table, pos, k_new)
+    paged.scatter_(v_cache, block_table, pos, v_new)
 
 
 def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits):
@@ -78,9 +79,8 @@ def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, b
     lse = torch.empty(batch, hq, sn, dtype=torch.float32, device=q.device)
     table = block_table.to(torch.long) if block_table is not None else None
     for b in range(batch):
-        tiles = Tiles(1, sn, seqlens_k[b], hkv, hq // hkv, scale=spec.scale, window=spec.window, softcap=spec.softcap,
-                      alibi=None if spec.alibi_slopes is None else spec.alibi_slopes[b:b + 1], attn_mask=None,
-                      dropout_p=0.0, seed=0)
+        tiles = TileScore.from_spec(spec, 1, sn, seqlens_k[b], hkv, hq // hkv, attn_mask=None, dropout=False,
+                                    alibi=None if spec.alibi_slopes is None else spec.alibi_slopes[b:b + 1])
         o, lse_b = _Sequence(k_cache, v_cache, b, table, tiles).attend(q[b], spec.sinks, max(num_splits, 1))
         out[b] = o.to(q.dtype)
         lse[b] = lse_b
@@ -88,7 +88,7 @@ def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, b
 
 
 class _Sequence:
-    """One sequence b of the batch (a ``Tiles`` problem with B = 1): its key range, tiles, runs."""
+    """One sequence b of the batch (a ``TileScore`` problem with B = 1): its key range, tiles, runs."""
 
     def __init__(self, k_cache, v_cache, b, table, tiles):
         self.k_cache, self.v_cache, self.b, self.table, self.tiles = k_cache, v_cache, b, table, tiles
@@ -114,31 +114,28 @@ class _Sequence:
 
     def _tile(self, cache, j0, j1):
         """Cache rows j0..j1-1 of this sequence as (Hkv, j1 - j0, D[v]) fp32."""
-        if self.table is None:
-            return cache[self.b, j0:j1].transpose(0, 1).float()
-        block_size = cache.shape[1]
-        j = torch.arange(j0, j1, device=cache.device)
-        return cache[self.table[self.b, j // block_size], j % block_size].transpose(0, 1).float()
+        return paged.gather(cache, self.table, self.b, j0, j1).transpose(0, 1).float()
 
     def _run(self, qg, start, stop):
         """Online softmax of qg (Hkv, G*Sn, D) over keys [start, stop) -> (out (Hkv, G*Sn, Dv), lse)."""
         tiles, every = self.tiles, slice(0, 1)
+        heads = slice(0, tiles.hkv)
         m_i = qg.new_full(qg.shape[:2], NEG_INF)  # base 2
         l_i = qg.new_zeros(qg.shape[:2])
         acc = qg.new_zeros(*qg.shape[:2], self.v_cache.shape[-1])
         for j0 in range(start, stop, BLOCK_N):
             j1 = min(j0 + BLOCK_N, stop)
-            s, _ = tiles.scores(qg, self._tile(self.k_cache, j0, j1), every, slice(0, tiles.hkv), 0, tiles.sq, j0, j1)
-            m_new = torch.maximum(m_i, s.amax(-1))
-            m_use = m_new.masked_fill(m_new == NEG_INF, 0.0)  # [Note] empty rows
-            p = torch.exp2(s - m_use.unsqueeze(-1))
-            rescale = torch.exp2(m_i - m_use)
-            l_i = l_i * rescale + p.sum(-1)
-            acc = acc * rescale.unsqueeze(-1) + torch.bmm(p, self._tile(self.v_cache, j0, j1))
-            m_i = m_new
-        empty = l_i == 0
-        out = acc / l_i.masked_fill(empty, 1.0).unsqueeze(-1)
-        return out, torch.where(empty, NEG_INF, (m_i + torch.log2(l_i)) * LN2)
+            kt, vt = self._tile(self.k_cache, j0, j1), self._tile(self.v_cache, j0, j1)
+            hidden = tiles.hidden(every, heads, 0, tiles.sq, j0, j1)  # None: every pair kept
+            tiles.exact = hidden is not None and not score.all_finite(kt, vt)
+            s, _ = tiles.scores(qg, kt, every, heads, 0, tiles.sq, j0, j1)
+            m_i = score.softmax_step(m_i, l_i, acc, s)  # [Note] empty rows
+            if tiles.exact:
+                score.accumulate_kept(acc, s, vt, hidden)
+            else:
+                acc.add_(torch.bmm(s, vt))
+        out, lse2 = score.finish(m_i, l_i, acc)
+        return out, lse2 * LN2
 
 
 def _merge(runs, sink):

@@ -21,16 +21,16 @@ logit (if any) entering as one more term of l_i that carries no value.
     every tile (a third of the non-matmul work). Otherwise the running max is used.
 
 [Note] fully masked rows
-    A row that has kept no key so far has m_i = -inf; the exponent is taken against the lowest
-    finite float instead (``m_use``) so no ``-inf - -inf`` NaN appears and l_i, acc stay 0. A
-    row that ends with l_i = 0 gets out 0 and lse -inf; with sinks its only term is the sink's
-    exp2(sink - m_i), so out 0 and lse = the sink logit.
+    See ``score.softmax_step``: a row that ends with l_i = 0 gets out 0 and lse -inf; with
+    sinks its only term is the sink's exp2(sink - m_i), so out 0 and lse = the sink logit.
+
+Non-finite k or v in a slab switch its tiles to the exact path (``score``'s [Note] hidden keys).
 """
 
 import torch
 
-from . import _tiles
-from ._tiles import LN2, NEG_INF, Tiles
+from . import _tiles, score
+from ._tiles import LN2, Tiles
 
 
 @torch.no_grad()
@@ -42,22 +42,21 @@ def forward(q, k, v, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q
     varlen: q (Tq, Hq, D), k/v (Tk, Hkv, D[v]), cu_seqlens_* int32 (B+1,) -> out (Tq, Hq, Dv),
             lse (Hq, Tq); one dense problem per sequence b (dropout batch id b).
     """
-    kw = dict(scale=spec.scale, window=spec.window, softcap=spec.softcap, dropout_p=spec.dropout_p,
-              seed=spec.seed, buffer=_tiles.Workspace())
-    sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
+    buffer = score.Workspace()
+    sinks, alibi_slopes = spec.sinks, spec.alibi_slopes
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     if cu_seqlens_q is None:
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
-        _dense(q, k, v, out, lse, sinks, Tiles(q.shape[0], q.shape[1], k.shape[1], k.shape[2],
-               q.shape[2] // k.shape[2], alibi=alibi_slopes, attn_mask=attn_mask, **kw))
+        _dense(q, k, v, out, lse, sinks, Tiles.from_spec(spec, q.shape[0], q.shape[1], k.shape[1], k.shape[2],
+               q.shape[2] // k.shape[2], alibi=alibi_slopes, attn_mask=spec.attn_mask, buffer=buffer))
         return out, lse
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
         qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
-        tiles = Tiles(1, qs.stop - qs.start, ks.stop - ks.start, k.shape[1], q.shape[1] // k.shape[1],
-                      alibi=None if alibi_slopes is None else alibi_slopes[b:b + 1], attn_mask=None, b0=b,
-                      **kw)
+        tiles = Tiles.from_spec(spec, 1, qs.stop - qs.start, ks.stop - ks.start, k.shape[1],
+                                q.shape[1] // k.shape[1], alibi=None if alibi_slopes is None else alibi_slopes[b:b + 1],
+                                attn_mask=None, b0=b, buffer=buffer)
         _dense(q[None, qs], k[None, ks], v[None, ks], out[None, qs], lse[None, :, qs], sinks, tiles)
     return out, lse
 
@@ -73,13 +72,14 @@ def _dense(q, k, v, out, lse, sinks, tiles):
         kh = _tiles.slab_kv(k, bs, hs, buf("kh", nbh, tiles.sk, k.shape[-1]))  # fp32 (Bc*Hc, Sk, D)
         vh = _tiles.slab_kv(v, bs, hs, buf("vh", nbh, tiles.sk, v.shape[-1]))
         kmax, vmax = 0.0, 0.0
-        if tiles.sk:
+        tiles.exact = not score.all_finite(kh, vh)  # [Note] hidden keys (score.py)
+        if tiles.sk and not tiles.exact:
             kmax = float(torch.linalg.vector_norm(kh, dim=-1).max())
             vmax = max(abs(float(x)) for x in torch.aminmax(vh))
-        v_ok = 2.0 ** -40 <= vmax <= 2.0 ** 40 and tiles.sk <= 2 ** 22  # [Note] fixed reference max
+        v_ok = 2.0 ** -40 <= vmax <= 2.0 ** 40 and tiles.sk <= 2 ** 22 and not tiles.exact  # [Note] fixed ...
         for i0, i1 in tiles.q_blocks():
             qt = _tiles.gather_rows(q, bs, hs, g, i0, i1, buf("q", nbh, g * (i1 - i0), q.shape[-1]))
-            fixed = v_ok and tiles.score_bound(qt, kmax) <= _tiles.EXP2_SAFE
+            fixed = v_ok and tiles.score_bound(qt, kmax) <= score.EXP2_SAFE
             o, lse2 = _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed)
             _tiles.scatter_rows(out, o, bs, hs, g, i0, i1)
             lse2 = lse2.view(-1, hs.stop - hs.start, g, i1 - i0).flatten(1, 2)  # (Bc, Hc*G, M)
@@ -94,34 +94,19 @@ def _rows(qt, kh, vh, sinks, tiles, bs, hs, i0, i1, fixed):
     ``fixed``: keep m_i = 0 instead of a running max ([Note] fixed reference max).
     """
     n, r = qt.shape[:2]
-    m_i = torch.full((n, r), 0.0 if fixed else NEG_INF)
+    m_i = torch.full((n, r), 0.0 if fixed else score.NEG_INF)
     l_i = torch.zeros(n, r)
     acc = tiles.buffer("acc", n, r, vh.shape[-1]).zero_()
     for j0, j1 in tiles.k_blocks(i0, i1):
         s, _ = tiles.scores(qt, kh[:, j0:j1], bs, hs, i0, i1, j0, j1)
-        if fixed:
-            l_i.add_(s.exp2_().sum(-1))
-        else:
-            m_new = torch.maximum(m_i, s.amax(-1))
-            m_use = m_new.clamp(min=torch.finfo(torch.float32).min)  # [Note] fully masked rows
-            s.sub_(m_use.unsqueeze(-1)).exp2_()
-            rescale = torch.exp2(m_i - m_use)
-            l_i.mul_(rescale).add_(s.sum(-1))
-            acc.mul_(rescale.unsqueeze(-1))
-            m_i = m_new
+        m_i = score.softmax_step(m_i, l_i, acc, s, fixed)
         keep = tiles.dropout_keep(bs, hs, i0, i1, j0, j1)
         if keep is not None:
             s.mul_(keep)
-        acc.baddbmm_(s, vh[:, j0:j1])
+        if tiles.exact:
+            score.accumulate_kept(acc, s, vh[:, j0:j1], tiles.hidden(bs, hs, i0, i1, j0, j1))
+        else:
+            acc.baddbmm_(s, vh[:, j0:j1])
     if sinks is not None:  # the sink: one more logit in the denominator, no value
-        sink = _tiles.sink_rows(sinks, bs, hs, tiles.g, i1 - i0)
-        m_fin = torch.maximum(m_i, sink).clamp_(min=torch.finfo(torch.float32).min)
-        rescale = torch.exp2(m_i - m_fin)
-        l_i.mul_(rescale).add_(torch.exp2(sink - m_fin))
-        acc.mul_(rescale.unsqueeze(-1))
-        m_i = m_fin
-    empty = l_i == 0
-    out = acc.div_(l_i.masked_fill(empty, 1.0).unsqueeze(-1))
-    if tiles.dropout_p > 0:
-        out.mul_(1.0 / (1.0 - tiles.dropout_p))
-    return out, (m_i + torch.log2(l_i)).masked_fill_(empty, NEG_INF)
+        m_i = score.fold_sink(m_i, l_i, acc, score.sink_rows(sinks, bs, hs, tiles.g, i1 - i0))
+    return score.finish(m_i, l_i, acc, tiles.dropout_p)
