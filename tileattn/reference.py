@@ -92,12 +92,12 @@ def _core(q, k, v, spec, *, keep, dtype):
     m = torch.where(m == _NEG_INF, 0.0, m)
     e = torch.exp(logits - m)
     denom = e.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
-    safe = torch.where(nonempty, denom, 1.0)
+    empty = denom == 0  # (a NaN row is not empty: its lse is NaN)
+    safe = torch.where(empty, 1.0, denom)
     p = e[..., :Sk] / safe
     if kept is not None:  # [Note] hidden keys: a NaN row (it keeps a NaN key) has no p for the rest
         p = torch.where(kept, p, 0.0)
-    lse = torch.where(nonempty, torch.log(safe) + m, _NEG_INF).squeeze(-1)
+    lse = torch.where(empty, _NEG_INF, torch.log(safe) + m).squeeze(-1)
 
     if keep is not None:                                                    # 7. dropout
         p = torch.where(keep.to(p.device), p, 0.0) / (1.0 - spec.dropout_p)
