@@ -6,8 +6,7 @@ Two kernels, launched in order by ``backward.py``:
    its rows' ``delta_i = rowsum(out_i * dout_i)`` and stores it with lse2 for the dK/dV kernel
    ([Note] padded row stats), loops over key blocks, writes dq, with ``MASK_GRAD`` the dmask
    tiles (fp32), and with sinks its rows' sum of fp32 P * dP to a separate buffer for dsinks.
-   Computing delta here saves a launch that re-read out and dout (37 us, 3% of the bf16
-   backward at N=1k, B=16, H=16, D=128 on the H200).
+   Computing delta here saves the launch that would re-read out and dout.
 2. ``_bwd_dkdv_kernel``: one program per (batch or sequence, kv head, BLOCK_N keys); it loops
    over the G = Hq / Hkv query heads of its group and their query blocks, so dK/dV of a kv head
    is the sum over its query heads without repeating k/v in memory and without atomics.
@@ -26,7 +25,7 @@ Every output element is written by exactly one program, in a fixed loop order, w
 atomics: the backward is bitwise reproducible by construction (``deterministic=True`` costs
 nothing; the flag has no effect).
 
-Sub notation (on top of ``common.py``'s ``i, j, diag, qk, t``)::
+Sub notation (on top of ``score.py``'s ``i, j, diag, qk, t, region``)::
 
     lse2       lse_i * log2(e), fp32 (BLOCK_M,); +inf for an empty row, see [Note] empty rows
     delta      rowsum(out * dout) (BLOCK_M,) = sum_j P_ij dP_ij (dropout included)
@@ -37,24 +36,25 @@ Sub notation (on top of ``common.py``'s ``i, j, diag, qk, t``)::
     dcap       d(capped score)/d(raw score): 1 - tanh^2 with softcap, else 1
     dq, dk     scale * (ds * dcap) @ k, scale * (ds * dcap)^T @ q;  dv = P_dropped^T @ dout
     ...T       the dK/dV kernel works on transposed (BLOCK_N keys, BLOCK_M rows) tiles: it calls
-               the common.py helpers with rows and columns swapped and ``-diag`` (|rel| and the
+               the score.py helpers with rows and columns swapped and ``-diag`` (|rel| and the
                window test are symmetric under that swap), so the score pipeline stays single
 
 [Note] empty rows in the backward
     A row that kept no key (and has no sink) has lse = -inf. Its lse2 is replaced by +inf, so
     every p = exp2(t - inf) = 0 (also for t = -inf) and all its gradients are exactly 0. Rows
     past the sequence end get lse2 = +inf for the same effect, so the dK/dV kernel needs no
-    row test on its fully kept tiles. With sinks, lse >= the sink logit is always finite.
+    row test on its fully kept tiles. With a finite sink, lse >= the sink logit is finite; a
+    sink of -inf is no term at all (an empty row keeps lse = -inf, gradients 0).
 
 [Note] padded row stats
     The dK/dV inner loop needs lse2 and delta of every row block it visits. Loading them from
-    lse with a row mask and fixing up empty rows there cost a third of the loop's instructions
-    (offline sm_90 SASS at 32x128 tiles: 413 per step for 20 HGMMA, dQ 282). So the dQ kernel,
+    lse with a row mask and fixing up empty rows there costs a large share of the loop's
+    instructions (the loop is short: about 20 HGMMA per step). So the dQ kernel,
     which runs first, stores lse2 and delta of every (query head, sequence) row to fp32
     buffers (Hq, rows) where each sequence's rows are followed by padding up to the next
     multiple of ROW_PAD (>= and a multiple of every BLOCK_M), filled with +inf / 0 by the
-    sequence's last row block, so every row block dK/dV can visit reads them without masks (278
-    instructions per step). Row r of sequence b of head h sits at h * stat_stride_h +
+    sequence's last row block, so every row block dK/dV can visit reads them without masks.
+    Row r of sequence b of head h sits at h * stat_stride_h +
     b * stat_stride_b + q_start_b + r: dense, stat_stride_b = Sq rounded up to ROW_PAD (q_start
     0); varlen, stat_stride_b = ROW_PAD after cu_seqlens_q[b] (Tq + B * ROW_PAD rows per head,
     not B * max_seqlen_q, so skewed lengths cost no memory).
@@ -63,10 +63,8 @@ Sub notation (on top of ``common.py``'s ``i, j, diag, qk, t``)::
 import triton
 import triton.language as tl
 
-from tileattn.backends.triton.common import (block_ranges, dropout_keep, keep_tile, load_mask_tile, load_rows,
-                                             score_log2)
-
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+from tileattn.backends.triton.score import (LOG2E, block_ranges, dropout_keep, head_terms, keep_tile, load_mask_tile,
+                                            load_rows, score_and_dcap, seq_bounds)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -148,115 +146,7 @@ def _store_row_stats(lse2_row, delta_row, lse2, delta, m0, seqlen, BLOCK_M: tl.c
             tl.store(delta_row + r + offs, tl.zeros([BLOCK_M], tl.float32))
 
 
-@triton.jit
-def score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2, mask_tile,
-                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr):
-    """(t, dcap): ``common.score_log2``'s base-2 score and d(capped s)/d(s) = 1 - tanh^2 (1.0 without softcap).
-
-    With softcap the pipeline runs in two calls, cap first, then ALiBi/mask on the capped value
-    (scale 1.0 is exact), so t is bit-for-bit the forward's and tanh = t_cap / (c * log2(e)).
-    """
-    if SOFTCAP:
-        t = score_log2(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2, mask_tile,
-                       True, False, 0)
-        tanh = t * (1.0 / softcap_log2)
-        dcap = 1.0 - tanh * tanh
-        if ALIBI or MASK_KIND == 2:
-            t = score_log2(t, offs_m, offs_n, diag, 1.0, softcap_scale, softcap_log2, alibi_log2, mask_tile,
-                           False, ALIBI, MASK_KIND)
-    else:
-        t = score_log2(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2, mask_tile,
-                       False, ALIBI, MASK_KIND)
-        dcap = 1.0
-    return t, dcap
-
-
-@triton.jit
-def query_ranges(n0, seqlen_q, seqlen_k, window_left, window_right,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Query-block boundaries ``lo <= full_lo <= full_hi <= hi`` for keys [n0, n0+BLOCK_N): the
-    transpose of ``common.block_ranges``.
-
-    Row i keeps key j iff j >= i + diag - left and j <= i + diag + right, i.e.
-    j - diag - right <= i <= j - diag + left. Blocks in [lo, hi) hold every row keeping one of
-    these keys; blocks in [full_lo, full_hi) keep all of them for every real row (rows past
-    seqlen_q are zeroed by lse = +inf, keys past seqlen_k only feed dk/dv rows never stored),
-    so only [lo, full_lo) (HAS_RIGHT) and [full_hi, hi) (HAS_LEFT) need ``keep_tile``.
-    """
-    diag = seqlen_k - seqlen_q
-    n_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
-    lo = seqlen_q * 0
-    hi = seqlen_q
-    full_lo = lo
-    full_hi = hi
-    if HAS_RIGHT:
-        lo = tl.maximum(n0 - diag - window_right, 0) // BLOCK_M * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum(n_last - diag - window_right, 0), BLOCK_M) * BLOCK_M
-    if HAS_LEFT:
-        hi = tl.minimum(n_last - diag + window_left + 1, seqlen_q)
-        full_end = n0 - diag + window_left + 1  # rows < full_end keep key n0
-        full_hi = tl.where(full_end >= seqlen_q, seqlen_q, tl.maximum(full_end, 0) // BLOCK_M * BLOCK_M)
-    hi = tl.maximum(hi, lo)
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
-
-
 # ----------------------------------------------------------------------------- dK / dV
-
-
-@triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse2_row, delta_row, mask_base, lo, hi,
-                n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
-                qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
-                dropout_p, seed, off_h, off_b,
-                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
-                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    """Accumulate query blocks [lo, hi) of one query head into dk (BLOCK_N, BLOCK_D), dv (BLOCK_N, BLOCK_DV).
-
-    Tiles are transposed (keys x rows). EDGE: the window cuts these tiles (``keep_tile``).
-    q_src / do_src: tensor descriptors (USE_TMA) or the head's row-0 pointers; lse2_row /
-    delta_row: the head's padded row stats ([Note] padded row stats), read without masks.
-    """
-    offs_m0 = tl.arange(0, BLOCK_M)
-    for m0 in range(lo, hi, BLOCK_M):
-        m0 = tl.multiple_of(m0, BLOCK_M)
-        offs_m = m0 + offs_m0
-        q, do = _load_tiles(q_src, do_src, m0, seqlen_q, stride_qm, stride_dom, HEAD_D, HEAD_DV,
-                            BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
-        lse2 = tl.load(lse2_row + offs_m)
-        delta = tl.load(delta_row + offs_m)
-
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-        if MASK_KIND != 0:
-            maskT = load_mask_tile(mask_base, n0, m0, stride_mn, stride_mm, seqlen_k, seqlen_q, BLOCK_N, BLOCK_M)
-        else:
-            maskT = 0
-        tT, dcapT = score_and_dcap(qkT, offs_n, offs_m, -diag, qk_scale, softcap_scale, softcap_log2, alibi_log2,
-                                   maskT, SOFTCAP, ALIBI, MASK_KIND)
-        pT = tl.math.exp2(tT - lse2[None, :])
-        if EDGE:
-            keepT = keep_tile(offs_n, offs_m, -diag, seqlen_q, window_right, window_left, HAS_RIGHT, HAS_LEFT)
-            pT = tl.where(keepT, pT, 0.0)
-        if MASK_KIND == 1:
-            pT = tl.where(maskT != 0, pT, 0.0)
-
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        if DROPOUT:
-            dropT = tl.trans(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b).to(tl.int8)) != 0
-            rescale = 1.0 / (1.0 - dropout_p)
-            dv = tl.dot(tl.where(dropT, pT * rescale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dpT = tl.where(dropT, dpT * rescale, 0.0)
-        else:
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        if SOFTCAP:
-            dsT = dsT * dcapT
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    return dk, dv
 
 
 @triton.jit
@@ -282,17 +172,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
     tune_sq / tune_sk: autotune key only.
     """
     pid_n, off_bh = _block_and_head(tl.program_id(0), tl.cdiv(max_seqlen_k, BLOCK_N), head_group)
-    off_b = off_bh // num_kv_heads
-    off_hk = off_bh % num_kv_heads
-    q_start = 0
-    k_start = 0
-    seqlen_q = seqlen_q_dense
-    seqlen_k = seqlen_k_dense
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + off_b)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    off_b, off_hk, q_start, seqlen_q, k_start, seqlen_k = seq_bounds(off_bh, num_kv_heads, CuSeqlensQ, CuSeqlensK,
+                                                                     seqlen_q_dense, seqlen_k_dense, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 < seqlen_k:
         b64 = off_b.to(tl.int64)
@@ -304,8 +185,11 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
         v = load_rows(V + kv_off, n0, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, True, HEAD_DV != BLOCK_DV)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         diag = seqlen_k - seqlen_q
-        lo, full_lo, full_hi, hi = query_ranges(n0, seqlen_q, seqlen_k, window_left, window_right,
-                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        # transposed: row blocks of these keys (window sides swapped); region 0 is cut by the
+        # diagonal / window's right side, region 2 by the window's left side
+        ranges = block_ranges(n0, seqlen_k, seqlen_q, window_right, window_left, BLOCK_N, BLOCK_M,
+                              HAS_RIGHT, HAS_LEFT, True)
+        offs_m0 = tl.arange(0, BLOCK_M)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         # not pipelined: with one query row block (Sq specialized to 1) this becomes the innermost
@@ -320,35 +204,45 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
             stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
             lse2_row = Lse2Pad + stats
             delta_row = DeltaPad + stats
-            if MASK_KIND != 0:
-                mask_base = Mask + b64 * stride_mb + h64 * stride_mh
-            else:
-                mask_base = Q  # never read
-            if ALIBI:
-                alibi_log2 = tl.load(Slopes + b64 * stride_ab + h64 * stride_ah) * LOG2E
-            else:
-                alibi_log2 = 0.0
-            if HAS_RIGHT:  # rows above the diagonal / window's right side: masked tiles
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_src, do_src, lse2_row, delta_row, mask_base, lo, full_lo,
-                    n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
-                    qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
-                    off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
-                    MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PREC)
-            # middle: every row keeps every key of this block (no keep arithmetic)
-            dk, dv = _dkdv_tiles(
-                dk, dv, k, v, q_src, do_src, lse2_row, delta_row, mask_base, full_lo, full_hi,
-                n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
-                qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
-                off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI,
-                MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PREC)
-            if HAS_LEFT:  # rows below the window's left side: masked tiles
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, q_src, do_src, lse2_row, delta_row, mask_base, full_hi, hi,
-                    n0, offs_n, diag, seqlen_q, seqlen_k, stride_qm, stride_dom, stride_mm, stride_mn,
-                    qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
-                    off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
-                    MASK_KIND, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PREC)
+            mask_base, alibi_log2 = head_terms(Mask, Slopes, b64, h64, stride_mb, stride_mh, stride_ab, stride_ah,
+                                               MASK_KIND, ALIBI)
+            # transposed regions (see ranges above); the window cuts edge tiles (region != 1: keep_tile)
+            for region in tl.static_range(1 - HAS_RIGHT, 2 + HAS_LEFT):
+                for m0 in range(ranges[region], ranges[region + 1], BLOCK_M):
+                    m0 = tl.multiple_of(m0, BLOCK_M)
+                    offs_m = m0 + offs_m0
+                    q, do = _load_tiles(q_src, do_src, m0, seqlen_q, stride_qm, stride_dom, HEAD_D, HEAD_DV,
+                                        BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
+                    lse2 = tl.load(lse2_row + offs_m)  # padded: no mask ([Note] padded row stats)
+                    delta = tl.load(delta_row + offs_m)
+
+                    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+                    maskT = load_mask_tile(mask_base, n0, m0, stride_mn, stride_mm, seqlen_k, seqlen_q,
+                                           BLOCK_N, BLOCK_M, MASK_KIND)
+                    tT, dcapT = score_and_dcap(qkT, offs_n, offs_m, -diag, qk_scale, softcap_scale, softcap_log2,
+                                               alibi_log2, maskT, SOFTCAP, ALIBI, MASK_KIND)
+                    pT = tl.math.exp2(tT - lse2[None, :])
+                    if region != 1:
+                        keepT = keep_tile(offs_n, offs_m, -diag, seqlen_q, window_right, window_left,
+                                          HAS_RIGHT, HAS_LEFT)
+                        pT = tl.where(keepT, pT, 0.0)
+                    if MASK_KIND == 1:
+                        pT = tl.where(maskT != 0, pT, 0.0)
+
+                    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                    if DROPOUT:
+                        drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
+                        dropT = tl.trans(drop.to(tl.int8)) != 0
+                        rescale = 1.0 / (1.0 - dropout_p)
+                        dv = tl.dot(tl.where(dropT, pT * rescale, 0.0).to(do.dtype), do, dv,
+                                    input_precision=DOT_PREC)
+                        dpT = tl.where(dropT, dpT * rescale, 0.0)
+                    else:
+                        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+                    dsT = pT * (dpT - delta[None, :])
+                    if SOFTCAP:
+                        dsT = dsT * dcapT
+                    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
         dk_base = DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + k0 * stride_dkn
         _store_rows(dk_base, dk * scale, n0, seqlen_k, stride_dkn, HEAD_D, BLOCK_N, BLOCK_D)
         dv_base = DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + k0 * stride_dvn
@@ -356,59 +250,6 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
 
 
 # ----------------------------------------------------------------------------- dQ (+ dmask)
-
-
-@triton.jit
-def _dq_tiles(dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, lo, hi,
-              m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-              qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
-              dropout_p, seed, off_h, off_b,
-              HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
-              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
-              USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Accumulate key blocks [lo, hi) into dq (BLOCK_M, BLOCK_D); store dS tiles to dmask (MASK_GRAD).
-
-    SINKS: also accumulate pdp (BLOCK_M,) = sum_j p * dp, delta without out's rounding (dsinks).
-    EDGE: tiles cut by the window or the ragged last key block (``keep_tile``; keys past
-    seqlen_k must be zeroed here since their p may overflow). k_src / v_src: tensor descriptors
-    (USE_TMA) or the kv head's key-0 pointers.
-    """
-    offs_n0 = tl.arange(0, BLOCK_N)
-    for n0 in range(lo, hi, BLOCK_N):
-        n0 = tl.multiple_of(n0, BLOCK_N)
-        offs_n = n0 + offs_n0
-        k, v = _load_tiles(k_src, v_src, n0, seqlen_k, stride_kn, stride_vn, HEAD_D, HEAD_DV,
-                           BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if MASK_KIND != 0:
-            mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N)
-        else:
-            mask_tile = 0
-        t, dcap = score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2,
-                                 mask_tile, SOFTCAP, ALIBI, MASK_KIND)
-        p = tl.math.exp2(t - lse2[:, None])
-        if EDGE:
-            p = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
-                         p, 0.0)
-        if MASK_KIND == 1:
-            p = tl.where(mask_tile != 0, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        if DROPOUT:
-            drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
-            dp = tl.where(drop, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        if SINKS:
-            pdp += tl.sum(p * dp, 1)
-        if MASK_GRAD:
-            ptrs = (dmask_base + m0.to(tl.int64) * seqlen_k + n0
-                    + tl.arange(0, BLOCK_M)[:, None] * tl.cast(seqlen_k, tl.int64) + offs_n0[None, :])
-            tl.store(ptrs, ds, mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
-        if SOFTCAP:
-            ds = ds * dcap
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-    return dq, pdp
 
 
 @triton.jit
@@ -442,17 +283,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
     pid_m, off_bh = _block_and_head(tl.program_id(0), num_m, head_group)
     if HAS_RIGHT:
         pid_m = num_m - 1 - pid_m
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    q_start = 0
-    k_start = 0
-    seqlen_q = seqlen_q_dense
-    seqlen_k = seqlen_k_dense
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + off_b)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
+    off_b, off_h, q_start, seqlen_q, k_start, seqlen_k = seq_bounds(off_bh, num_heads, CuSeqlensQ, CuSeqlensK,
+                                                                    seqlen_q_dense, seqlen_k_dense, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 < seqlen_q:
         b64 = off_b.to(tl.int64)
@@ -475,44 +307,51 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
         v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
         k_src, v_src = _tile_sources(k_base, v_base, seqlen_k, stride_kn, stride_vn,
                                      HEAD_D, HEAD_DV, BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
-        if MASK_KIND != 0:
-            mask_base = Mask + b64 * stride_mb + h64 * stride_mh
-        else:
-            mask_base = Q  # never read
+        mask_base, alibi_log2 = head_terms(Mask, Slopes, b64, h64, stride_mb, stride_mh, stride_ab, stride_ah,
+                                           MASK_KIND, ALIBI)
         if MASK_GRAD:
             dmask_base = DMask + (b64 * num_heads + h64) * seqlen_q * seqlen_k
         else:
             dmask_base = DQ  # never written
-        if ALIBI:
-            alibi_log2 = tl.load(Slopes + b64 * stride_ab + h64 * stride_ah) * LOG2E
-        else:
-            alibi_log2 = 0.0
         diag = seqlen_k - seqlen_q
-        lo, full_lo, full_hi, hi = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
-                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        ranges = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
+                              HAS_LEFT, HAS_RIGHT, False)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        pdp = tl.zeros([BLOCK_M], tl.float32)
-        if HAS_LEFT:  # keys left of the window's left side: masked tiles
-            dq, pdp = _dq_tiles(
-                dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, lo, full_lo,
-                m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
-                off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
-                MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, USE_TMA, DOT_PREC)
-        # middle: every key of every row kept (no keep arithmetic)
-        dq, pdp = _dq_tiles(
-            dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, full_lo, full_hi,
-            m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-            qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
-            off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI,
-            MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, USE_TMA, DOT_PREC)
-        # the diagonal / window's right side and the ragged last key block
-        dq, pdp = _dq_tiles(
-            dq, pdp, q, do, lse2, delta, k_src, v_src, mask_base, dmask_base, full_hi, hi,
-            m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-            qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right, dropout_p, seed,
-            off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI,
-            MASK_KIND, MASK_GRAD, HAS_LEFT, HAS_RIGHT, DROPOUT, SINKS, USE_TMA, DOT_PREC)
+        pdp = tl.zeros([BLOCK_M], tl.float32)  # SINKS: sum_j p * dp, delta without out's rounding (dsinks)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        # regions (score.py) as the forward's; in edge tiles (region != 1) keys past seqlen_k must be
+        # zeroed by keep_tile since their p may overflow
+        for region in tl.static_range(1 - HAS_LEFT, 3):
+            for n0 in range(ranges[region], ranges[region + 1], BLOCK_N):
+                n0 = tl.multiple_of(n0, BLOCK_N)
+                offs_n = n0 + offs_n0
+                k, v = _load_tiles(k_src, v_src, n0, seqlen_k, stride_kn, stride_vn, HEAD_D, HEAD_DV,
+                                   BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k,
+                                           BLOCK_M, BLOCK_N, MASK_KIND)
+                t, dcap = score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2,
+                                         alibi_log2, mask_tile, SOFTCAP, ALIBI, MASK_KIND)
+                p = tl.math.exp2(t - lse2[:, None])
+                if region != 1:
+                    p = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
+                                           HAS_RIGHT), p, 0.0)
+                if MASK_KIND == 1:
+                    p = tl.where(mask_tile != 0, p, 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                if DROPOUT:
+                    drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
+                    dp = tl.where(drop, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+                ds = p * (dp - delta[:, None])
+                if SINKS:
+                    pdp += tl.sum(p * dp, 1)
+                if MASK_GRAD:
+                    ptrs = (dmask_base + m0.to(tl.int64) * seqlen_k + n0
+                            + tl.arange(0, BLOCK_M)[:, None] * tl.cast(seqlen_k, tl.int64) + offs_n0[None, :])
+                    tl.store(ptrs, ds, mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
+                if SOFTCAP:
+                    ds = ds * dcap
+                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
         if SINKS:
             tl.store(SinkDelta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, pdp, mask=offs_m < seqlen_q)
         dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm

@@ -7,7 +7,7 @@ Returns out (B, Sq, Hq, Dv) contiguous in q.dtype [varlen (Tq, Hq, Dv)] and lse 
 
 One program owns BLOCK_M query rows of one (batch or sequence, query head). The 1-D grid puts
 the row block fastest, so programs running together share one head's K/V in L2. Causal and
-window calls walk only the key blocks that hold kept keys (``common.block_ranges``) and
+window calls walk only the key blocks that hold kept keys (``score.block_ranges``) and
 split them into masked edge tiles and fully kept middle tiles that skip the keep arithmetic::
 
     Sq=4, Sk=6 causal (bottom-right, diag = Sk - Sq = 2):   row 0  x x x . . .
@@ -26,58 +26,10 @@ import triton
 import triton.language as tl
 
 from tileattn import plan as _plan
-from tileattn.backends.triton.common import (LOG2E, block_ranges, dropout_keep, keep_tile, load_mask_tile,
-                                             load_rows, score_log2, softmax_step)
+from tileattn.backends.triton.score import (LOG2E, block_ranges, dropout_keep, finish_rows, head_terms, keep_tile,
+                                            load_mask_tile, load_rows, seq_bounds, softmax_init, softmax_step,
+                                            step_input)
 from tileattn.backends.triton.launch import fast
-
-
-@triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, lo, hi,
-               m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-               qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
-               dropout_p, seed, off_h, off_b,
-               HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
-               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-               USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Fold key tiles [lo, hi) into (acc, l_i, m_i). EDGE: tiles may hold dropped keys (keep_tile)."""
-    offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + offs_n0
-        if USE_TMA:
-            k = k_src.load([start_n, 0])
-        else:
-            k = load_rows(k_src, start_n, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, EDGE, HEAD_D != BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if MASK_KIND != 0:
-            mask_tile = load_mask_tile(mask_base, m0, start_n, stride_mm, stride_mn, seqlen_q, seqlen_k,
-                                       BLOCK_M, BLOCK_N)
-        else:
-            mask_tile = 0
-        if SOFTCAP or ALIBI or MASK_KIND == 2:
-            x = score_log2(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2,
-                           mask_tile, SOFTCAP, ALIBI, MASK_KIND)
-            x_scale = 1.0
-        else:
-            x = qk
-            x_scale = qk_scale
-        if EDGE:
-            x = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
-                         x, float("-inf"))
-        if MASK_KIND == 1:
-            x = tl.where(mask_tile != 0, x, float("-inf"))
-        p, alpha, m_i, l_i = softmax_step(x, x_scale, m_i, l_i, EDGE or MASK_KIND != 0)
-        acc = acc * alpha[:, None]
-        if USE_TMA:
-            v = v_src.load([start_n, 0])
-        else:
-            v = load_rows(v_src, start_n, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, EDGE, HEAD_DV != BLOCK_DV)
-        if DROPOUT:
-            p = tl.where(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b), p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "max_seqlen_q", "window_left", "window_right",
@@ -93,25 +45,18 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
-                USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,). tune_sq/tune_sk: autotune key only."""
+                USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr = False):
+    """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,). tune_sq/tune_sk: autotune key only.
+    NEG_SCALE: qk_scale < 0 (score [Note] negative scale)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
     off_bh = pid // num_m
     m_blk = pid % num_m
     if HAS_RIGHT:
         m_blk = num_m - 1 - m_blk  # causal-like: the longest rows (last blocks) start first
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
+    off_b, off_h, q_start, seqlen_q, k_start, seqlen_k = seq_bounds(off_bh, num_heads, CuSeqlensQ, CuSeqlensK,
+                                                                    seqlen_q_dense, seqlen_k_dense, IS_VARLEN)
     off_hk = off_h // group
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + off_b)
-        seqlen_q = tl.load(CuSeqlensQ + off_b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + off_b)
-        seqlen_k = tl.load(CuSeqlensK + off_b + 1) - k_start
-    else:
-        seqlen_q = seqlen_q_dense
-        seqlen_k = seqlen_k_dense
     m0 = m_blk * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -127,10 +72,6 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
         l_base += q_start.to(tl.int64)
         k_base += k_start.to(tl.int64) * stride_kn
         v_base += k_start.to(tl.int64) * stride_vn
-    if MASK_KIND != 0:
-        mask_base = Mask + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
-    else:
-        mask_base = Q
     if USE_TMA:
         # Per-program descriptors bounded by this sequence: TMA zero-fills rows >= seqlen and
         # columns >= HEAD_D, and clips the output store the same way.
@@ -146,49 +87,52 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     diag = seqlen_k - seqlen_q
-    if SINKS:  # [Note] empty rows (common.py): the sink starts the running max and the sum
-        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + off_h) * 1.4426950408889634
-        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
+    if SINKS:  # [Note] empty rows (score.py): the sink starts the running max and the sum
+        sink_log2 = tl.load(Sinks + off_h) * LOG2E
     else:
-        m_i = tl.zeros([BLOCK_M], tl.float32) - float("inf")
-        l_i = tl.zeros([BLOCK_M], tl.float32)
+        sink_log2 = 0.0
+    m_i, l_i = softmax_init(sink_log2, BLOCK_M, SINKS)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    if ALIBI:
-        alibi_log2 = tl.load(Slopes + off_b.to(tl.int64) * stride_ab + off_h * stride_ah) * 1.4426950408889634
-    else:
-        alibi_log2 = 0.0
+    mask_base, alibi_log2 = head_terms(Mask, Slopes, off_b.to(tl.int64), off_h.to(tl.int64), stride_mb, stride_mh,
+                                       stride_ab, stride_ah, MASK_KIND, ALIBI)
 
-    lo, full_lo, full_hi, hi = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
-                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if HAS_LEFT:  # left edge: tiles cut by the window's left side
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, lo, full_lo,
-                                   m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                                   qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
-                                   dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
-                                   BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                                   DROPOUT, USE_TMA, DOT_PREC)
-    # middle: every key of every row kept (no keep arithmetic, unmasked loads)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, full_lo, full_hi,
-                               m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                               qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
-                               dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
-                               BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                               DROPOUT, USE_TMA, DOT_PREC)
-    # right edge: the diagonal / window's right side and the ragged last key tile
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, mask_base, full_hi, hi,
-                               m0, offs_m, diag, seqlen_q, seqlen_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                               qk_scale, softcap_scale, softcap_log2, alibi_log2, window_left, window_right,
-                               dropout_p, seed, off_h, off_b, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV,
-                               BLOCK_M, BLOCK_N, True, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT,
-                               DROPOUT, USE_TMA, DOT_PREC)
+    ranges = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                          False)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    # regions (score.py): 0 left edge (only with a left window side), 1 fully kept middle, 2 right
+    # edge; edge tiles (region != 1) may hold dropped keys (keep_tile, masked loads)
+    for region in tl.static_range(1 - HAS_LEFT, 3):
+        for start_n in range(ranges[region], ranges[region + 1], BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + offs_n0
+            if USE_TMA:
+                k = k_src.load([start_n, 0])
+            else:
+                k = load_rows(k_src, start_n, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, region != 1,
+                              HEAD_D != BLOCK_D)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            mask_tile = load_mask_tile(mask_base, m0, start_n, stride_mm, stride_mn, seqlen_q, seqlen_k,
+                                       BLOCK_M, BLOCK_N, MASK_KIND)
+            x, x_scale = step_input(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2,
+                                    mask_tile, SOFTCAP, ALIBI, MASK_KIND, NEG_SCALE)
+            if region != 1:
+                x = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
+                                       HAS_RIGHT), x, float("-inf"))
+            if MASK_KIND == 1:
+                x = tl.where(mask_tile != 0, x, float("-inf"))
+            p, alpha, m_i, l_i = softmax_step(x, x_scale, m_i, l_i, region != 1 or MASK_KIND != 0)
+            acc = acc * alpha[:, None]
+            if USE_TMA:
+                v = v_src.load([start_n, 0])
+            else:
+                v = load_rows(v_src, start_n, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, region != 1,
+                              HEAD_DV != BLOCK_DV)
+            if DROPOUT:
+                p = tl.where(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b), p, 0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
 
-    # epilogue, [Note] empty rows: l_i == 0 -> out 0, lse -inf
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # l_i == 0 implies acc == 0
-    inv_l = 1.0 / l_safe
-    if DROPOUT:
-        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
-    out = (acc * inv_l[:, None]).to(Out.dtype.element_ty)
-    lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse = finish_rows(acc, m_i, l_i, 1.0 / (1.0 - dropout_p) if DROPOUT else 1.0)  # [Note] empty rows
+    out = out.to(Out.dtype.element_ty)
     tl.store(l_base + offs_m, lse, mask=offs_m < seqlen_q)
     if USE_TMA:
         o_dst = tl.make_tensor_descriptor(o_base, [seqlen_q, HEAD_DV], [stride_om, 1], [BLOCK_M, BLOCK_DV])
@@ -264,7 +208,7 @@ def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, m
             hq, hq // k.shape[-2], seqlen_q, seqlen_k, max_seqlen_q, *spec.scalars(),
             _plan.bucket(max_seqlen_q), _plan.bucket(tune_sk),
             HEAD_D=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_D=fplan.block_d, BLOCK_DV=fplan.block_dv,
-            IS_VARLEN=varlen, **spec.constexprs(), USE_TMA=fplan.use_tma,
+            IS_VARLEN=varlen, **spec.constexprs(), NEG_SCALE=spec.scale < 0, USE_TMA=fplan.use_tma,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
             **fplan.launch_kwargs(),
         )
