@@ -167,3 +167,118 @@ def test_sdpa_errors():
     raises(TypeError, "k has dtype torch.float16", tileattn.sdpa, q, k.half(), v, enable_gqa=True)
     with pytest.raises(RuntimeError):  # torch's own SDPA agrees on the exception class
         torch.nn.functional.scaled_dot_product_attention(q, k.half(), v, enable_gqa=True)
+
+
+# ----------------------------------------------------------------------------- every argument (issue 17, class 6)
+
+
+def _valid(entry):
+    """Valid keyword arguments of one entry point (a paged cache call writes new tokens)."""
+    if entry == "attention":
+        q, k, v = qkv()
+        return dict(q=q, k=k, v=v)
+    if entry == "varlen":
+        q, k, v, cu = _varlen()
+        return dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=6, max_seqlen_k=6)
+    if entry == "kvcache":
+        q, kc, vc, (k, v), table = _cache(paged=True)
+        kc.normal_(), vc.normal_()
+        return dict(q=q, k_cache=kc, v_cache=vc, k=k, v=v, cache_seqlens=torch.tensor([3, 5], dtype=torch.int32),
+                    block_table=table)
+    q, k, v = (t.transpose(1, 2) for t in qkv())
+    return dict(query=q, key=k, value=v, enable_gqa=True)
+
+
+ENTRY = dict(attention=tileattn.attention, varlen=tileattn.attention_varlen, kvcache=tileattn.attention_with_kvcache,
+             sdpa=tileattn.sdpa)
+T, V = TypeError, ValueError
+I32 = torch.int32
+# the keywords every entry point but sdpa shares: (argument, bad value, error, words after the name)
+SHARED = [
+    ("causal", None, T, "must be a bool"), ("causal", "yes", T, "must be a bool"), ("causal", 1, T, "must be a bool"),
+    ("scale", "0.1", T, "must be a float"), ("scale", True, T, "must be a float"), ("scale", torch.tensor(0.1), T, ""),
+    ("scale", float("nan"), V, "must be finite"), ("scale", float("inf"), V, "must be finite"),
+    ("window", (True, False), T, "pair of ints"), ("window", (1.5, 2), T, "pair of ints"), ("window", None, T, ""),
+    ("window", "ab", T, "pair of ints"), ("window", (1, 2, 3), V, "pair of ints"), ("window", (-5, 0), V, ">= -1"),
+    ("softcap", None, T, "must be a float"), ("softcap", "1", T, ""), ("softcap", float("nan"), V, ">= 0"),
+    ("softcap", -0.5, V, ">= 0"),
+    ("alibi_slopes", [0.5] * 4, T, "floating-point tensor"), ("alibi_slopes", torch.ones(4, dtype=I32), T, ""),
+    ("alibi_slopes", torch.ones(5), V, "must have shape"),
+    ("sinks", [0.0] * 4, T, "floating-point tensor"), ("sinks", torch.ones(3), V, "must have shape"),
+    ("return_lse", "no", T, "must be a bool"), ("return_lse", None, T, "must be a bool"),
+    ("backend", None, T, "must be a str"), ("backend", 3, T, "must be a str"), ("backend", "cuda", V, "must be one of"),
+]
+CASES = [(entry, *case) for entry in ("attention", "varlen", "kvcache") for case in SHARED] + [
+    (entry, *case) for entry in ("attention", "varlen") for case in [
+        ("dropout_p", "0.1", T, "must be a float"), ("dropout_p", None, T, ""), ("dropout_p", True, T, ""),
+        ("dropout_p", 1.0, V, r"in \[0, 1\)"), ("dropout_p", float("nan"), V, r"in \[0, 1\)"),
+        ("deterministic", None, T, "must be a bool"), ("deterministic", "true", T, "must be a bool"),
+        ("q", None, T, "must be a torch.Tensor"), ("q", [[0.0]], T, "must be a torch.Tensor"),
+        ("k", None, T, "must be a torch.Tensor"), ("v", 3.0, T, "must be a torch.Tensor"),
+        ("q", lambda kw: kw["q"].long(), T, "has dtype"), ("k", lambda kw: kw["k"].half(), T, "has dtype"),
+        ("q", lambda kw: kw["q"][..., :0, :], V, "has 0 heads"),  # Hq = 0 (was a ZeroDivisionError)
+        ("k", lambda kw: kw["k"][..., :0, :], V, "has 0 heads"),
+        ("k", lambda kw: torch.cat([kw["k"], kw["k"][..., :1, :]], -2), V, "does not divide"), ("v", lambda kw: kw["v"][..., :1, :], V, "heads"),
+        ("q", lambda kw: kw["q"][..., :0], V, "head dim"), ("k", lambda kw: kw["k"][..., :8], V, "head dim"),
+    ]] + [
+    ("attention", "attn_mask", [[True]], T, "bool or floating"), ("attention", "attn_mask", torch.ones(7, dtype=I32), T, ""),
+    ("attention", "attn_mask", torch.ones(3, 7, dtype=torch.bool), V, "not broadcastable"),
+    ("attention", "q", lambda kw: kw["q"][0], V, "must have 4 dims"), ("attention", "v", lambda kw: kw["v"][:, :2], V, "v"),
+    ("varlen", "q", lambda kw: kw["q"][None], V, "must have 3 dims"), ("varlen", "v", lambda kw: kw["v"][:3], V, "v"),
+    ("varlen", "cu_seqlens_q", None, T, "int32 tensor"), ("varlen", "cu_seqlens_q", [0, 4, 10], T, "int32 tensor"),
+    ("varlen", "cu_seqlens_q", lambda kw: kw["cu_seqlens_q"].long(), T, "int32 tensor"),
+    ("varlen", "cu_seqlens_q", lambda kw: kw["cu_seqlens_q"][None], V, "must have 1 dims"),
+    ("varlen", "cu_seqlens_k", lambda kw: kw["cu_seqlens_k"][:1], V, "B\\+1 >= 2"),
+    ("varlen", "cu_seqlens_k", lambda kw: kw["cu_seqlens_k"] + 1, V, "must start at 0"),
+    ("varlen", "max_seqlen_q", "6", T, "must be an int"), ("varlen", "max_seqlen_q", 6.0, T, "must be an int"),
+    ("varlen", "max_seqlen_q", True, T, "must be an int"), ("varlen", "max_seqlen_q", -1, V, "smaller than"),
+    ("varlen", "max_seqlen_k", 5, V, "smaller than the longest"), ("varlen", "max_seqlen_k", 2, V, "smaller than"),
+    ("kvcache", "q", None, T, "must be a torch.Tensor"), ("kvcache", "q", lambda kw: kw["q"].half(), T, "dtype"),
+    ("kvcache", "q", lambda kw: kw["q"][..., :0, :], V, "has 0 heads"),
+    ("kvcache", "k_cache", None, T, "must be a torch.Tensor"), ("kvcache", "k_cache", lambda kw: kw["k_cache"][0], V, "4 dims"),
+    ("kvcache", "k_cache", lambda kw: kw["k_cache"].long(), T, "has dtype"),
+    ("kvcache", "k_cache", lambda kw: kw["k_cache"][:, :, :1], V, ""),
+    ("kvcache", "v_cache", lambda kw: kw["v_cache"][:, :3], V, "first two dims"),
+    ("kvcache", "v_cache", lambda kw: torch.zeros(6, 4, 2, 32)[..., ::2], V, "unit stride in its last dim"),
+    ("kvcache", "k_cache", lambda kw: kw["k_cache"][:1].expand(6, 4, 2, 16), V, "expanded view"),
+    ("kvcache", "k", lambda kw: kw["k"][:, :, :1], V, r"must have shape \(B, Sn, Hkv, D\)"),
+    ("kvcache", "k", lambda kw: kw["k"].half(), T, "has dtype"), ("kvcache", "v", None, V, ""),
+    ("kvcache", "v", [1.0], T, "must be a torch.Tensor"),
+    ("kvcache", "cache_seqlens", 2 ** 40, V, "capacity"), ("kvcache", "cache_seqlens", -1, V, "capacity"),
+    ("kvcache", "cache_seqlens", True, T, "int32 tensor or an int"), ("kvcache", "cache_seqlens", 1.5, T, "int32"),
+    ("kvcache", "cache_seqlens", None, T, "int32"), ("kvcache", "cache_seqlens", "3", T, "int32"),
+    ("kvcache", "cache_seqlens", torch.tensor([3, 5]), T, "int32"),
+    ("kvcache", "cache_seqlens", torch.tensor([3, 5, 1], dtype=I32), V, "B=2"),
+    ("kvcache", "cache_seqlens", torch.tensor([3, -1], dtype=I32), V, ">= 0"),
+    ("kvcache", "cache_seqlens", torch.tensor([3, 12], dtype=I32), V, "capacity"),
+    ("kvcache", "block_table", [[0, 1, 2], [3, 4, 5]], T, "int32 tensor"),
+    ("kvcache", "block_table", lambda kw: kw["block_table"].long(), T, "int32 tensor"),
+    ("kvcache", "block_table", lambda kw: kw["block_table"][0], V, "2 dims"),
+    ("kvcache", "block_table", lambda kw: kw["block_table"][:1], V, "B=2 rows"),
+    ("kvcache", "block_table", lambda kw: kw["block_table"] * 2, V, r"page ids outside \[0, 6\)"),
+    ("kvcache", "num_splits", -1, V, ">= 0"), ("kvcache", "num_splits", 1.5, T, ">= 0"),
+    ("kvcache", "num_splits", None, T, ""), ("kvcache", "num_splits", True, T, ""),
+    ("sdpa", "query", None, V, "3-D"), ("sdpa", "dropout_p", "0.1", T, "must be a float"),
+    ("sdpa", "dropout_p", 1.5, V, r"in \[0, 1\)"), ("sdpa", "is_causal", None, T, "must be a bool"),
+    ("sdpa", "is_causal", "yes", T, "must be a bool"), ("sdpa", "enable_gqa", 1, T, "must be a bool"),
+    ("sdpa", "scale", "x", T, "must be a float"), ("sdpa", "attn_mask", torch.ones(5, 7, dtype=I32), T, ""),
+]
+
+
+def _case_id(case):
+    entry, name, value = case[:3]
+    shown = "fn" if callable(value) and not isinstance(value, torch.Tensor) else repr(value)[:20]
+    return f"{entry}-{name}-{shown}"
+
+
+@pytest.mark.parametrize("entry, name, value, error, words", CASES, ids=[_case_id(c) for c in CASES])
+def test_every_argument(entry, name, value, error, words):
+    """Each bad argument raises a ``tileattn:`` error of the right class naming the argument
+    (TypeError for a type, ValueError for a value), and a cache call writes nothing."""
+    kw = _valid(entry)
+    kw[name] = value(kw) if callable(value) and not isinstance(value, torch.Tensor) else value
+    caches = [t for n, t in kw.items() if n in ("k_cache", "v_cache") and isinstance(t, torch.Tensor)]
+    before = [t.clone() for t in caches]
+    raises(error, f"{name}.*{words}" if words else name, ENTRY[entry], **kw)
+    for t, old in zip(caches, before):
+        assert torch.equal(t, old), "a cache was written by a failing call"

@@ -74,8 +74,11 @@ def flag(name: str, x) -> None:
         raise TypeError(f"tileattn: {name} must be a bool, got {type(x).__name__} {x!r}")
 
 
+_UNSET = object()
+
+
 def options(*, scale, window, softcap, dropout_p=0.0, causal=False, deterministic=False, return_lse=False,
-            backend="auto", num_splits=None) -> None:
+            backend="auto", num_splits=_UNSET) -> None:
     """The scalar keywords of every entry point: types (TypeError), then values (ValueError)."""
     if scale is not None and not _is_real(scale):
         raise TypeError(f"tileattn: scale must be a float or None, got {type(scale).__name__}")
@@ -99,9 +102,11 @@ def options(*, scale, window, softcap, dropout_p=0.0, causal=False, deterministi
         flag(name, x)
     if not isinstance(backend, str):
         raise TypeError(f"tileattn: backend must be a str, got {type(backend).__name__}")
-    if num_splits is not None and not _is_int(num_splits):
+    if num_splits is _UNSET:
+        return
+    if not _is_int(num_splits):
         raise TypeError(f"tileattn: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
-    if num_splits is not None and num_splits < 0:
+    if num_splits < 0:
         raise ValueError(f"tileattn: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
 
 
@@ -228,7 +233,7 @@ def block_table(table, cache: torch.Tensor, batch=None) -> torch.Tensor:
     return table
 
 
-def kvcache(k_cache, v_cache, k, v, cache_seqlens, table, *, q=None) -> tuple:
+def kvcache(k_cache, v_cache, k, v, cache_seqlens, table, *, q=_UNSET) -> tuple:
     """Validate a cache call -- ``attention_with_kvcache`` (``q`` given) or
     ``tileattn.kvcache.append`` (``q`` None, ``k``/``v`` required) -- before anything is
     written. Returns ``(cache_seqlens, block_table)``: lengths as a contiguous int32 (B,)
@@ -238,10 +243,13 @@ def kvcache(k_cache, v_cache, k, v, cache_seqlens, table, *, q=None) -> tuple:
     position read or written inside [0, num_blocks)) read device memory, so they run where
     :func:`debug_checks` allows; a Python int length is always checked.
     """
+    if q is _UNSET:  # kvcache.append: no query
+        q = None
+    else:
+        tensor("q", q, 4)
+    tensor("k_cache", k_cache, 4)
+    tensor("v_cache", v_cache, 4)
     ref, ref_name = (q, "q") if q is not None else (k_cache, "k_cache")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t is not None or name != "q":
-            tensor(name, t, 4)
     if (k is None) != (v is None):
         raise ValueError("tileattn: pass both k and v (new tokens to append) or neither")
     if k is not None:
