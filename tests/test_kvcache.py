@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import tileattn
-from tileattn import backends, kvcache, reference
+from tileattn import backends, kvcache, paged, reference
 from tileattn.backends.cpu import decode
 from tileattn.score import ScoreSpec
 
@@ -34,16 +34,15 @@ def _caches(lens, smax, hkv, d, dv, dtype):
 
 def _paged(k, v, block_size, used):
     """Shuffled pages (+3 spare) of k/v; slots at or past ``used[b]`` and spare pages are NaN."""
-    pages = -(-k.shape[1] // block_size) * k.shape[0]
+    pages = paged.num_pages(k.shape[1], block_size) * k.shape[0]
     kp, vp, table = kvcache.paged_from_contiguous(k, v, block_size, num_blocks=pages + 3, shuffle=True)
-    slot = torch.arange(table.shape[1] * block_size)
+    slot = torch.arange(paged.capacity(kp, table))
     for p in (kp, vp):
         spare = torch.ones(p.shape[0], dtype=torch.bool)
         spare[table.long().flatten()] = False
         p[spare] = NAN
         for b, n in enumerate(used):
-            s = slot[n:]
-            p[table[b, s // block_size].long(), s % block_size] = NAN
+            p[paged.row_index(p, table, b, slot[n:])] = NAN
     return kp, vp, table
 
 
@@ -218,7 +217,7 @@ def test_property_paged_equals_contiguous(data):
     new = data.draw(st.booleans())
     q, k, v, kn, vn = _inputs(lens, sn, hkv * group, hkv, 8, 8, torch.float32, new, smax=smax)
     seqlens = torch.tensor(lens, dtype=torch.int32)
-    per = -(-smax // block_size)
+    per = paged.num_pages(smax, block_size)
     kp, vp, table = kvcache.paged_from_contiguous(k, v, block_size, num_blocks=batch * per + spare, shuffle=True,
                                                   generator=torch.Generator().manual_seed(len(lens)))
     kw = dict(cache_seqlens=seqlens, num_splits=splits)
@@ -236,7 +235,7 @@ def test_property_paged_equals_contiguous(data):
 def test_helpers_allocate_append_gather(block_size):
     gen = torch.Generator().manual_seed(1)
     cache = kvcache.allocate(3, 23, 2, 8, head_dim_v=6, dtype=torch.float16, block_size=block_size,
-                             num_blocks=None if block_size is None else 3 * -(-23 // block_size) + 2,
+                             num_blocks=None if block_size is None else 3 * paged.num_pages(23, block_size) + 2,
                              shuffle=True, generator=gen)
     assert cache.paged == (block_size is not None) and cache.capacity >= 23
     assert cache.seqlens.dtype == torch.int32 and cache.seqlens.tolist() == [0, 0, 0]
@@ -346,3 +345,31 @@ def test_api_cpu_backend_int_seqlens_and_errors():
     with pytest.raises(ValueError, match="^tileattn: .*capacity"):
         tileattn.attention_with_kvcache(q, k_cache, v_cache, k * 2, v, cache_seqlens=8, backend="cpu")
     assert torch.equal(k_cache, before)
+
+
+# ----------------------------------------------------------------------------- tileattn.paged
+
+
+def test_paged_addressing():
+    """The one rule: position p of row b is page table[b, p // page_size], slot p % page_size."""
+    cache = torch.arange(6 * 4, dtype=torch.float32).view(6, 4, 1, 1).expand(6, 4, 1, 2).contiguous()
+    table = torch.tensor([[5, 0, 3], [2, 4, 1]], dtype=torch.int32)
+    assert paged.num_pages(9, 4) == 3 and paged.num_pages(8, 4) == 2 and paged.num_pages(0, 4) == 0
+    assert paged.capacity(cache, table) == 12 and paged.capacity(cache, None) == 4
+    pos = torch.tensor([[0, 5, 11], [3, 4, 9]])
+    page, slot = paged.locate(table, pos, 4)
+    assert page.tolist() == [[5, 0, 3], [2, 4, 1]] and slot.tolist() == [[0, 1, 3], [3, 0, 1]]
+    assert torch.equal(cache[paged.index(cache, table, pos)][..., 0, 0], page * 4.0 + slot)
+    assert torch.equal(paged.gather(cache, table, 1, 2, 7)[:, 0, 0], torch.tensor([10.0, 11.0, 16.0, 17.0, 18.0]))
+    dense = torch.randn(2, 12, 1, 2)
+    assert torch.equal(paged.gather(dense, None, 1, 2, 7), dense[1, 2:7])
+    assert torch.equal(dense[paged.index(dense, None, pos)], torch.stack([dense[0, pos[0]], dense[1, pos[1]]]))
+    new = torch.randn(2, 2, 1, 2)
+    at = paged.append_positions(torch.tensor([3, 10], dtype=torch.int32), 2)
+    assert at.tolist() == [[3, 4], [10, 11]]
+    paged.scatter_(cache, table, at, new)
+    assert torch.equal(cache[5, 3], new[0, 0]) and torch.equal(cache[0, 0], new[0, 1])
+    assert torch.equal(cache[1, 2], new[1, 0]) and torch.equal(cache[1, 3], new[1, 1])
+    used = paged.pages_in_use(table, torch.tensor([5, 0]), 4)
+    assert sorted(used.tolist()) == [0, 5]
+    assert sorted(paged.pages_in_use(table, torch.tensor([9, 12]), 4, start=torch.tensor([4, 8])).tolist()) == [0, 1, 3]
