@@ -48,18 +48,23 @@ def case(page, same_rows, vstride_scale=1, splits=16):
     """Compile one layout (page 0 = contiguous); V's page/slot strides scaled when not same_rows."""
     ks = ((page or 4096) * 8 * 128, 8 * 128, 128)  # page (or sequence), slot (or key), head
     vs = tuple(s * vstride_scale for s in ks[:2]) + (ks[2],) if not same_rows else ks
-    vals = dict(Q="*bf16", K="*bf16", V="*bf16", K_NEW="*bf16", V_NEW="*bf16", SEQLENS="*i32", BLOCK_TABLE="*i32" if page else None,
-                ALIBI=None, SINKS=None, OUT="*fp32", LSE="*fp32",
+    vals = dict(Q="*bf16", K="*bf16", V="*bf16", K_NEW="*bf16", V_NEW="*bf16", SEQLENS="*i32",
+                BLOCK_TABLE="*i32" if page else None, Slopes=None, Sinks=None, OUT="*fp32", LSE="*fp32",
                 stride_qb=4096, stride_qs=4096, stride_qh=128, stride_knb=1024, stride_kns=1024,
                 stride_knh=128, stride_vnb=1024, stride_vns=1024, stride_vnh=128, stride_kb=ks[0], stride_ks=ks[1], stride_kh=ks[2],
                 stride_vb=vs[0], stride_vs=vs[1], stride_vh=vs[2], stride_btb=256, stride_ab=0, stride_ah=0,
                 stride_sink=0, stride_ob=65536, stride_os=65536, stride_oh=2048, stride_osplit=128,
                 stride_lb=512, stride_lh=16, stride_ls=512, stride_lsplit=1, Hkv=8, Sn=1, n_new=1,
-                scale=0.088, softcap=0.0, window_left=-1, window_right=0)
-    consts = dict(G=4, HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_M=16, BLOCK_N=128, BLOCK_NEW=16, BLOCK_D=128,
+                qk_scale=0.127, softcap_scale=0.0, softcap_log2=0.0, window_left=-1, window_right=0,
+                scale=0.088, softcap=0.0)  # the last two: trees before the ScoreSpec scalars
+    consts = dict(G=4, HEAD_D=128, HEAD_DV=128, BLOCK_M=16, BLOCK_N=128, BLOCK_NEW=16, BLOCK_D=128,
                   BLOCK_DV=128, HAS_NEW=True, PAGE_SIZE=page, KV_SAME_ROWS=same_rows, NUM_SPLITS=splits,
-                  SPLIT=splits > 1, HAS_LEFT=False,
-                  HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False, DOT_PRECISION="tf32")
+                  SPLIT=splits > 1, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, ALIBI=False, SINKS=False,
+                  DOT_PREC="tf32", NEG_SCALE=False)
+    # trees before the one constexpr naming (score.py): HEAD_DIM, HAS_SOFTCAP, ..., pointers ALIBI / SINKS
+    if "HEAD_DIM" in fn.arg_names:
+        consts.update(HEAD_DIM=128, HEAD_DIM_V=128, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_SINKS=False,
+                      DOT_PRECISION="tf32", ALIBI=None, SINKS=None)
     src = build(vals, consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, num_stages=5 if page else 3))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")

@@ -12,8 +12,8 @@ import triton.language as tl
 from tileattn.backends.triton.launch import fast
 from tileattn.plan import next_pow2
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from .score import LN2, LOG2E
+
 
 
 @triton.jit
@@ -53,15 +53,15 @@ def _combine_kernel(
     denom = tl.sum(w, 0)
     if HAS_SINKS:
         denom += tl.exp2(sink - m_sub)
-    ok = denom > 0
-    d_safe = tl.where(ok, denom, 1.0)
+    empty = denom == 0.0  # a NaN denominator (a split kept a NaN key) stays NaN
+    d_safe = tl.where(empty, 1.0, denom)
     o = tl.load(PART_O + row * stride_pr + offs_s[:, None] * stride_ps + offs_dv[None, :],
                 mask=_rows_mask(s_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
     out = tl.sum(o * (w / d_safe)[:, None], 0)
     tl.store(OUT + b * stride_ob + t * stride_os + h * stride_oh + offs_dv,
              out.to(OUT.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
     tl.store(LSE + b * stride_lb + h * stride_lh + t * stride_ls,
-             tl.where(ok, (m_sub + tl.log2(d_safe)) * LN2, float("-inf")))
+             tl.where(empty, float("-inf"), (m_sub + tl.log2(d_safe)) * LN2))
 
 
 def combine_splits(part_o, part_lse, sinks, out, lse):

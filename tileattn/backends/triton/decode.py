@@ -11,8 +11,8 @@ Sub notation (kernel names)::
                 KV head are the M dimension of tl.dot, so each K/V tile is read once for all
     split       program axis 1: the key range [lo, hi) of a row block is cut, on device, into
                 NUM_SPLITS runs of whole BLOCK_N tiles; each run yields a partial (out, lse)
-    m_i, l_i    online-softmax running max and sum, base 2: scores leave the pipeline (scale,
-                softcap, ALiBi: natural units) times log2(e); lse is stored in natural log
+    m_i, l_i    online-softmax running max and sum, base 2 (``score.py``'s notation: the same
+                helpers as the forward compute t = s * log2(e)); lse is stored in natural log
 
 Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
 
@@ -22,9 +22,10 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
     t = 2  x x x x x x x
 
 [Note] fully masked rows
-    A row whose kept keys so far are none has m_i = -inf; exponents then subtract 0 instead of
-    m_i, so p = exp2(-inf) = 0 and l_i stays 0. At the end such a row writes out = 0 and
-    lse = -inf (the sink logit when sinks are given), never NaN.
+    As score.py's [Note] empty rows: a row whose kept keys so far are none has m_i = -inf;
+    exponents then subtract 0 instead of m_i, so p = exp2(-inf) = 0 and l_i stays 0. At the
+    end such a row writes out = 0 and lse = -inf (the sink logit when sinks are given), never
+    NaN. Sinks are folded in after the loop (:func:`score.sink_fold`), or by the combine.
 
 [Note] page ids
     Paged caches read the tile's page ids from the block table inside the loop; the pipeliner
@@ -63,21 +64,8 @@ import triton.language as tl
 from tileattn.backends.triton.launch import fast
 from tileattn.plan import next_pow2
 
-from .combine import LN2, LOG2E, _rows_mask, combine_splits
-
-
-@triton.jit
-def _tanh(x):
-    """tanh in fp32 from exp2 only (interpreter-portable); Taylor series near 0 keeps it
-    relatively accurate where 1 - exp(-2|x|) would cancel."""
-    ax = tl.abs(x)
-    e = tl.exp2(-2.8853900817779268 * ax)  # exp(-2|x|)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * 0.021869488536155203))))
-    t = tl.where(ax < 0.25, small, big)
-    return tl.where(x < 0, -t, t)
+from .combine import _rows_mask, combine_splits
+from .score import LOG2E, finish_rows, keep_tile, sink_fold, softmax_step, step_input
 
 
 @triton.jit
@@ -132,33 +120,24 @@ def _page_rows(page, start_n, slot_rows, stride_p, stride_s, PAGE_SIZE: tl.const
 
 
 @triton.jit
-def _attend_tile(q, k, v, offs_n, kv_ok, pos, slope, m_i, l_i, acc, scale, softcap, window_left,
-                 window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attend_tile(q, k, v, offs_n, n_lo, n_end, pos, alibi_log2, m_i, l_i, acc, qk_scale, softcap_scale,
+                 softcap_log2, window_left, window_right, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, NEG_SCALE: tl.constexpr, CHECK_LO: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
     """Online-softmax update of m_i, l_i (BLOCK_M,) and acc (BLOCK_M, BLOCK_DV) with the keys k
-    (N, BLOCK_D) and values v (N, BLOCK_DV) at positions offs_n (N,); kv_ok (N,) drops keys.
-    Rows sit at key positions pos (BLOCK_M,). Returns the updated (m_i, l_i, acc)."""
-    # score pipeline (API.md order): scale, softcap, ALiBi, window/causal keep
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-    if HAS_SOFTCAP:
-        s = softcap * _tanh(s / softcap)
-    if HAS_ALIBI:
-        s -= slope[:, None] * tl.abs(pos[:, None] - offs_n[None, :]).to(tl.float32)
-    keep = kv_ok[None, :]
-    if HAS_LEFT:
-        keep = keep & (offs_n[None, :] >= pos[:, None] - window_left)
-    if HAS_RIGHT:
-        keep = keep & (offs_n[None, :] <= pos[:, None] + window_right)
-    s = tl.where(keep, s * LOG2E, float("-inf"))
-
-    # online softmax, see [Note] fully masked rows
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s - m_sub[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    (N, BLOCK_D) and values v (N, BLOCK_DV) at key positions offs_n (N,); keys at or past n_end
+    (and, with CHECK_LO, before n_lo) are dropped. Rows sit at key positions pos (BLOCK_M,);
+    alibi_log2 (BLOCK_M, 1) is each row's slope * log2(e). Returns the updated (m_i, l_i, acc).
+    The score and keep rules are the forward's (score.py, diag 0: positions are absolute)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    x, x_scale = step_input(qk, pos, offs_n, 0, qk_scale, softcap_scale, softcap_log2, alibi_log2, 0,
+                            SOFTCAP, ALIBI, 0, NEG_SCALE)
+    keep = keep_tile(pos, offs_n, 0, n_end, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    if CHECK_LO:
+        keep = keep & (offs_n >= n_lo)[None, :]
+    p, alpha, m_i, l_i = softmax_step(tl.where(keep, x, float("-inf")), x_scale, m_i, l_i, True)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -189,7 +168,7 @@ def _store_rows(base, rows, x, row_ok, offs_d, DIM: tl.constexpr, BLOCK: tl.cons
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, ALIBI, SINKS, OUT, LSE,
+    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, Slopes, Sinks, OUT, LSE,
     stride_qb, stride_qs, stride_qh,
     stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
     stride_kb, stride_ks, stride_kh,  # paged: page, slot, head
@@ -197,13 +176,13 @@ def _decode_kernel(
     stride_btb, stride_ab, stride_ah, stride_sink,
     stride_ob, stride_os, stride_oh, stride_osplit,
     stride_lb, stride_lh, stride_ls, stride_lsplit,
-    Hkv, Sn, n_new, scale, softcap, window_left, window_right,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    Hkv, Sn, n_new, qk_scale, softcap_scale, softcap_log2, window_left, window_right,
+    G: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NEW: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, HAS_NEW: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_SAME_ROWS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, SINKS: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr = False,
 ):
     """One (b, hkv, split, row block): partial attention of BLOCK_M packed rows over its keys;
     with new keys (HAS_NEW), program (b, hkv, 0, 0) also appends them (see [Note] new keys).
@@ -211,6 +190,7 @@ def _decode_kernel(
     SPLIT: write the normalized partial out (fp32) and its natural-log lse (no sink) to the
     workspace at split index pid_s; otherwise write the final out (OUT's dtype) and lse.
     KV_SAME_ROWS: K and V share page/slot (or batch/seq) strides, so V reuses K's row offsets.
+    Score flags and scalars as the forward's (``tileattn.score.ScoreSpec``).
     """
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -226,16 +206,16 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b * stride_qb + t.to(tl.int64)[:, None] * stride_qs + h[:, None] * stride_qh
-                + offs_d[None, :], mask=_rows_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(ALIBI + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0)
+                + offs_d[None, :], mask=_rows_mask(row_ok, offs_d, HEAD_D, BLOCK_D), other=0.0)
+    alibi_log2 = 0.0
+    if ALIBI:  # one head per packed row: (BLOCK_M, 1)
+        alibi_log2 = (tl.load(Slopes + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0) * LOG2E)[:, None]
     if HAS_NEW:  # issued before the length load: their addresses do not depend on it
         offs_j = tl.arange(0, BLOCK_NEW)
         kn_base = K_NEW + b * stride_knb + hkv * stride_knh
         vn_base = V_NEW + b * stride_vnb + hkv * stride_vnh
-        k_new = _load_new(kn_base, offs_j, offs_j < n_new, stride_kns, offs_d, HEAD_DIM, BLOCK_D, K)
-        v_new = _load_new(vn_base, offs_j, offs_j < n_new, stride_vns, offs_dv, HEAD_DIM_V, BLOCK_DV, V)
+        k_new = _load_new(kn_base, offs_j, offs_j < n_new, stride_kns, offs_d, HEAD_D, BLOCK_D, K)
+        v_new = _load_new(vn_base, offs_j, offs_j < n_new, stride_vns, offs_dv, HEAD_DV, BLOCK_DV, V)
 
     # keys this row block may keep: [lo, hi), tile-aligned; this split's run of whole tiles
     Sk_old = tl.load(SEQLENS + b)
@@ -273,18 +253,18 @@ def _decode_kernel(
         new_lo = tl.maximum(start - Sk_old, 0)
         new_hi = tl.minimum(end - Sk_old, n_new)
         if (new_lo < BLOCK_NEW) & (new_lo < new_hi):
-            kv_ok = (offs_j >= new_lo) & (offs_j < new_hi)
-            m_i, l_i, acc = _attend_tile(q, k_new, v_new, Sk_old + offs_j, kv_ok, pos, slope, m_i, l_i, acc,
-                                         scale, softcap, window_left, window_right, HAS_LEFT, HAS_RIGHT,
-                                         HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
+            m_i, l_i, acc = _attend_tile(q, k_new, v_new, Sk_old + offs_j, Sk_old + new_lo, Sk_old + new_hi, pos,
+                                         alibi_log2, m_i, l_i, acc, qk_scale, softcap_scale, softcap_log2,
+                                         window_left, window_right, SOFTCAP, ALIBI, HAS_LEFT, HAS_RIGHT, NEG_SCALE,
+                                         True, DOT_PREC)
         for j0 in range(tl.maximum(new_lo, BLOCK_NEW), new_hi, BLOCK_NEW):  # Sn > BLOCK_NEW only
             offs_jn = j0 + offs_j
             kv_ok = offs_jn < new_hi
-            k = _load_new(kn_base, offs_jn, kv_ok, stride_kns, offs_d, HEAD_DIM, BLOCK_D, K)
-            v = _load_new(vn_base, offs_jn, kv_ok, stride_vns, offs_dv, HEAD_DIM_V, BLOCK_DV, V)
-            m_i, l_i, acc = _attend_tile(q, k, v, Sk_old + offs_jn, kv_ok, pos, slope, m_i, l_i, acc,
-                                         scale, softcap, window_left, window_right, HAS_LEFT, HAS_RIGHT,
-                                         HAS_SOFTCAP, HAS_ALIBI, DOT_PRECISION)
+            k = _load_new(kn_base, offs_jn, kv_ok, stride_kns, offs_d, HEAD_D, BLOCK_D, K)
+            v = _load_new(vn_base, offs_jn, kv_ok, stride_vns, offs_dv, HEAD_DV, BLOCK_DV, V)
+            m_i, l_i, acc = _attend_tile(q, k, v, Sk_old + offs_jn, 0, Sk_old + new_hi, pos, alibi_log2, m_i, l_i,
+                                         acc, qk_scale, softcap_scale, softcap_log2, window_left, window_right,
+                                         SOFTCAP, ALIBI, HAS_LEFT, HAS_RIGHT, NEG_SCALE, False, DOT_PREC)
         # cache offsets of the first BLOCK_NEW new rows, for the append below
         new_k_rows, new_v_rows = _new_rows(Sk_old + offs_j, offs_j < n_new, bt_base, stride_kb, stride_ks,
                                            stride_vb, stride_vs, PAGE_SIZE)
@@ -299,10 +279,10 @@ def _decode_kernel(
                 else:
                     k_rows, v_rows = _new_rows(Sk_old + offs_jn, j_ok, bt_base, stride_kb, stride_ks,
                                                stride_vb, stride_vs, PAGE_SIZE)
-                _store_rows(k_base, k_rows, _load_new(kn_base, offs_jn, j_ok, stride_kns, offs_d, HEAD_DIM,
-                                                      BLOCK_D, K), j_ok, offs_d, HEAD_DIM, BLOCK_D)
-                _store_rows(v_base, v_rows, _load_new(vn_base, offs_jn, j_ok, stride_vns, offs_dv, HEAD_DIM_V,
-                                                      BLOCK_DV, V), j_ok, offs_dv, HEAD_DIM_V, BLOCK_DV)
+                _store_rows(k_base, k_rows, _load_new(kn_base, offs_jn, j_ok, stride_kns, offs_d, HEAD_D,
+                                                      BLOCK_D, K), j_ok, offs_d, HEAD_D, BLOCK_D)
+                _store_rows(v_base, v_rows, _load_new(vn_base, offs_jn, j_ok, stride_vns, offs_dv, HEAD_DV,
+                                                      BLOCK_DV, V), j_ok, offs_dv, HEAD_DV, BLOCK_DV)
 
     cache_end = tl.minimum(end, Sk_old)
     for start_n in range(start, cache_end, BLOCK_N):
@@ -320,29 +300,23 @@ def _decode_kernel(
         else:
             v_rows = _page_rows(page, start_n, v_slots, stride_vb, stride_vs, PAGE_SIZE, BLOCK_N)
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :],
-                    mask=_rows_mask(kv_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
+                    mask=_rows_mask(kv_ok, offs_d, HEAD_D, BLOCK_D), other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],
-                    mask=_rows_mask(kv_ok, offs_dv, HEAD_DIM_V, BLOCK_DV), other=0.0)
-        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, kv_ok, pos, slope, m_i, l_i, acc, scale, softcap,
-                                     window_left, window_right, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                     HAS_ALIBI, DOT_PRECISION)
+                    mask=_rows_mask(kv_ok, offs_dv, HEAD_DV, BLOCK_DV), other=0.0)
+        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, 0, cache_end, pos, alibi_log2, m_i, l_i, acc, qk_scale,
+                                     softcap_scale, softcap_log2, window_left, window_right, SOFTCAP, ALIBI,
+                                     HAS_LEFT, HAS_RIGHT, NEG_SCALE, False, DOT_PREC)
 
     if not SPLIT:  # sinks add exp(sink) to the denominator only (split partials: in combine)
-        if HAS_SINKS:
-            sink = tl.load(SINKS + h * stride_sink, mask=row_ok, other=0.0) * LOG2E
-            m_fin = tl.maximum(m_i, sink)
-            alpha = tl.exp2(m_i - m_fin)
-            l_i = l_i * alpha + tl.exp2(sink - m_fin)
-            acc = acc * alpha[:, None]
-            m_i = m_fin
-    l_ok = l_i > 0
-    l_safe = tl.where(l_ok, l_i, 1.0)
-    lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+        if SINKS:
+            sink_log2 = tl.load(Sinks + h * stride_sink, mask=row_ok, other=0.0) * LOG2E
+            m_i, l_i, acc = sink_fold(m_i, l_i, acc, sink_log2)
+    out, lse = finish_rows(acc, m_i, l_i, 1.0)
     t64 = t.to(tl.int64)
     o_ptrs = (OUT + b * stride_ob + t64[:, None] * stride_os + h[:, None] * stride_oh
               + pid_s * stride_osplit + offs_dv[None, :])
-    tl.store(o_ptrs, (acc / l_safe[:, None]).to(OUT.dtype.element_ty),
-             mask=_rows_mask(row_ok, offs_dv, HEAD_DIM_V, BLOCK_DV))
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty),
+             mask=_rows_mask(row_ok, offs_dv, HEAD_DV, BLOCK_DV))
     tl.store(LSE + b * stride_lb + h * stride_lh + t64 * stride_ls + pid_s * stride_lsplit, lse, mask=row_ok)
 
 
@@ -374,8 +348,8 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
         l_strides = (*lse.stride(), 0)
     paged = block_table is not None
     has_new = k_new is not None
-    alibi_slopes, sinks, softcap = spec.alibi_slopes, spec.sinks, spec.softcap
-    scale, (left, right) = spec.scale, spec.window
+    alibi_slopes, sinks = spec.alibi_slopes, spec.sinks
+    flags = spec.constexprs()
     fast(_decode_kernel)[(B * Hkv, splits, plan.m_blocks)](
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, alibi_slopes, sinks, dst_o, dst_lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -386,15 +360,14 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
         *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
         sinks.stride(0) if sinks is not None else 0,
         *o_strides, *l_strides,
-        Hkv, Sn, Sn if has_new else 0, scale, softcap, left, right,
-        G=Hq // Hkv, HEAD_DIM=D, HEAD_DIM_V=Dv,
+        Hkv, Sn, Sn if has_new else 0, *spec.scalars()[:5],  # qk_scale .. window_right
+        G=Hq // Hkv, HEAD_D=D, HEAD_DV=Dv,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_NEW=min(plan.block_n, max(16, next_pow2(Sn))),
         BLOCK_D=next_pow2(D), BLOCK_DV=next_pow2(Dv), HAS_NEW=has_new,
         PAGE_SIZE=k_cache.shape[1] if paged else 0, NUM_SPLITS=splits, SPLIT=splits > 1,
         KV_SAME_ROWS=k_cache.stride()[:2] == v_cache.stride()[:2],
-        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **{name: flags[name] for name in ("HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "SINKS")},
+        NEG_SCALE=spec.scale < 0, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if splits > 1:

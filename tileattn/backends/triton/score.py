@@ -287,11 +287,12 @@ def sink_fold(m_i, l_i, acc, sink_log2):
 def finish_rows(acc, m_i, l_i, out_scale):
     """(out fp32 (BLOCK_M, BLOCK_DV), lse natural log (BLOCK_M,)) of a finished row state:
     out = acc / l_i * out_scale, lse = (m_i + log2 l_i) * ln 2; an empty row (l_i == 0, so acc
-    == 0) gives out 0 and lse -inf ([Note] empty rows)."""
-    l_ok = l_i > 0.0
-    l_safe = tl.where(l_ok, l_i, 1.0)
+    == 0) gives out 0 and lse -inf ([Note] empty rows). A row that kept a NaN score has
+    l_i = NaN: its out and lse are NaN, as the oracle's."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     inv_l = (1.0 / l_safe) * out_scale
-    lse = tl.where(l_ok, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     return acc * inv_l[:, None], lse
 
 
