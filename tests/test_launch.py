@@ -5,6 +5,9 @@ stand-in that records calls and returns a fake compiled kernel, whose ``run`` re
 fast path hands to Triton's C launcher. The GPU suite runs every kernel through the real thing.
 """
 
+import threading
+import time
+
 import pytest
 import torch
 import triton.language as tl
@@ -181,3 +184,67 @@ def test_interpreted_kernels_launch_as_is():
                                           (2**63 - 1, 1), (2**63, 2), (0.5, 0), (None, 0)])
 def test_int_width(value, width):
     assert launch.int_width(value) == width
+
+
+class RacyTuner(SlowLaunch):
+    """A tuned kernel whose slow call sets ``best_config`` from its tune_sq argument, then
+    yields the GIL, as the autotuner's shared state does: a thread that read ``best_config``
+    after another thread's call would store that call's meta-parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fn = JITFunction(_tuned_kernel, do_not_specialize=["seed", "tune_sq", "tune_sk"])
+        self.tuner = type("Tuner", (), {"keys": ["tune_sq", "tune_sk"]})()
+
+    def __getitem__(self, grid):
+        slow = super().__getitem__(grid)
+
+        def run(*args, **kwargs):
+            self.best_config = type("Config", (), {"kwargs": {"BLOCK": args[2] // 4}})()
+            time.sleep(0.01)
+            return slow(*args, **kwargs)
+        return run
+
+
+def test_threads_launch_the_serial_answers(fake_device):
+    """Threads calling new and known signatures at once: each signature is compiled once, and
+    every launch gets its own signature's meta-parameters (grid) and pointers, as serial calls."""
+    fast = launch.FastKernel(RacyTuner())
+    tunes = [16 * (i + 1) for i in range(8)]
+    xs = [torch.zeros(8, dtype=torch.float16) for _ in tunes]
+    grid = lambda meta: (meta["BLOCK"] * 2,)  # noqa: E731
+    start = threading.Barrier(len(tunes))
+
+    def worker(i):
+        start.wait()
+        for seed in range(3):
+            fast[grid](xs[i], seed, tunes[i], 256)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(tunes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(call[1][2] for call in fast.kernel.calls) == tunes  # one slow call per signature
+    for call, compiled in zip(fast.kernel.calls, fast.kernel.compiled):
+        i = tunes.index(call[1][2])
+        assert [launch[:3] for launch in compiled.launches] == [(tunes[i] // 2, 1, 1)] * 2
+        assert [launch[9] for launch in compiled.launches] == [xs[i].data_ptr()] * 2
+        assert [launch[10] for launch in compiled.launches] == [1, 2]  # the hit calls' seeds
+
+
+def test_fast_is_one_launcher_per_kernel_across_threads():
+    jit = JITFunction(_kernel)
+    got = []
+    start = threading.Barrier(8)
+
+    def worker():
+        start.wait()
+        got.append(launch.fast(jit))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(x) for x in got}) == 1 and got[0] is launch.fast(jit)

@@ -2,10 +2,9 @@
 
 ``kernel[grid](*args, **kwargs)`` (``JITFunction.run``) specializes every argument, builds a
 string cache key, assembles launch metadata for its hook chains, and its C launcher looks up
-every tensor pointer with a driver call: 65-120 us of host time per launch on the H200
-machine (``scripts/profile_overhead.py step_cprofile``, 2026-12-03), enough to leave the GPU
-idle in a causal N=1k training step. ``fast(kernel)[grid](*args, **kwargs)`` launches the
-same compiled kernel with less work once it has seen the call's *signature*:
+every tensor pointer with a driver call: tens of microseconds of host time per launch, enough
+to leave the GPU idle in a short training step. ``fast(kernel)[grid](*args, **kwargs)`` launches
+the same compiled kernel with less work once it has seen the call's *signature*:
 
 - the type of every positional argument;
 - each tensor's dtype and its pointer's offset from 16-byte alignment;
@@ -26,6 +25,10 @@ constexpr. Active launch hooks (``triton.knobs.runtime.launch_enter_hook``, e.g.
 the interpreter take ``kernel[grid]`` every time. Triton's global knobs (debug,
 instrumentation) are assumed not to change while the process runs.
 
+Threads: a signature's first call (compile, autotune, reading the tuner's ``best_config``) runs
+under the kernel's lock, so concurrent first calls cannot store another call's meta-parameters;
+known signatures launch without locking (dict reads are atomic).
+
 Example::
 
     fast(_combine_kernel)[(rows,)](part_o, part_lse, None, out, lse, *strides, Sn, Hq,
@@ -34,6 +37,7 @@ Example::
 
 import functools
 import operator
+import threading
 
 import torch
 from triton import knobs
@@ -105,6 +109,7 @@ class FastKernel:
         self.width_names = tuple(p.name for p in self.fn.params if p.do_not_specialize and p.name not in tune_keys)
         self._layouts = {}
         self._compiled = {}  # signature -> (compiled kernel, meta-parameters for the grid)
+        self._lock = threading.Lock()  # first calls of a signature (see the module docstring)
 
     def __getitem__(self, grid):
         return functools.partial(self.run, grid)
@@ -115,7 +120,8 @@ class FastKernel:
             missing = [name for i, name in enumerate(self.arg_names) if i >= len(kinds) and i not in self.constexprs]
             if missing:
                 raise TypeError(f"tileattn: {missing[0]} must be passed positionally (only constexprs by keyword)")
-            layout = self._layouts[kinds] = _Layout(kinds, self.width_names, self.arg_names)
+            # setdefault: a layout stands for its kinds in signatures, so threads must share one
+            layout = self._layouts.setdefault(kinds, _Layout(kinds, self.width_names, self.arg_names))
         return layout
 
     def signature(self, args, kwargs, device):
@@ -135,12 +141,15 @@ class FastKernel:
         key, ptrs, layout = self.signature(args, kwargs, device)
         entry = self._compiled.get(key)
         if entry is None:
-            compiled = self.kernel[grid](*args, **kwargs)
-            meta = dict(kwargs, **self.kernel.best_config.kwargs) if self.tuned else dict(kwargs)
-            if len(self._compiled) >= MAX_SIGNATURES:
-                self._compiled.clear()
-            self._compiled[key] = (compiled, meta)
-            return compiled
+            with self._lock:
+                entry = self._compiled.get(key)  # another thread's first call may have won
+                if entry is None:
+                    compiled = self.kernel[grid](*args, **kwargs)
+                    meta = dict(kwargs, **self.kernel.best_config.kwargs) if self.tuned else dict(kwargs)
+                    if len(self._compiled) >= MAX_SIGNATURES:
+                        self._compiled.clear()
+                    self._compiled[key] = (compiled, meta)
+                    return compiled
         compiled, meta = entry
         grid = grid(meta) if callable(grid) else grid
         launch_args = list(args)
@@ -177,5 +186,5 @@ def fast(kernel):
     launcher = _FAST.get(kernel)
     if launcher is None:
         is_jit = isinstance(kernel, JITFunction) or isinstance(getattr(kernel, "fn", None), JITFunction)
-        launcher = _FAST[kernel] = FastKernel(kernel) if is_jit else kernel
+        launcher = _FAST.setdefault(kernel, FastKernel(kernel) if is_jit else kernel)  # one per kernel, any thread
     return launcher
