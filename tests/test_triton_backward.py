@@ -49,6 +49,10 @@ CASES = [
                                                    mask="float", mask_grad=True)),
     ("empty_window_sinks", (1, 40, 13, 2, 2, 32, 32), dict(window=(2, 0), sinks=True)),
     ("one_by_one_sinks", (1, 1, 1, 2, 1, 32, 32), dict(sinks=True)),
+    # any finite scale (issue 17 class 2); sinks of -inf: no term, dsinks 0 (class 4)
+    ("negative_scale_causal_sinks", (1, 29, 21, 4, 2, 32, 32), dict(window=(-1, 0), sinks=True, scale=-0.4)),
+    ("negative_scale_softcap_alibi", (2, 21, 30, 4, 2, 32, 32), dict(softcap=2.0, alibi=True, scale=-0.3)),
+    ("neg_inf_sinks_empty_rows", (2, 19, 11, 4, 2, 16, 16), dict(window=(-1, 0), sinks="-inf")),
 ]
 GPU_CASES = [
     ("d128_causal_long", (2, 1023, 1025, 4, 2, 128, 128), dict(window=(-1, 0))),
@@ -61,11 +65,14 @@ GPU_CASES = [
 
 def _features(spec, B, Sq, Sk, Hq, D, dtype, device):
     """Contract keywords for ``spec`` (normalized as the API passes them: stride-0 expands)."""
-    kw = dict(scale=1.0 / math.sqrt(D), window=spec.get("window", (-1, -1)), softcap=spec.get("softcap", 0.0),
+    kw = dict(scale=spec.get("scale", 1.0 / math.sqrt(D)), window=spec.get("window", (-1, -1)),
+              softcap=spec.get("softcap", 0.0),
               alibi_slopes=None, sinks=None, attn_mask=None, dropout_p=spec.get("p", 0.0), seed=1234567891011)
     if spec.get("alibi"):
         kw["alibi_slopes"] = torch.rand(Hq, device=device).expand(B, Hq)
-    if spec.get("sinks"):
+    if spec.get("sinks") == "-inf":  # heads 0 and 2 opt out
+        kw["sinks"] = torch.randn(Hq, device=device).index_fill_(0, torch.tensor([0, 2], device=device), float("-inf"))
+    elif spec.get("sinks"):
         kw["sinks"] = torch.randn(Hq, device=device)
     if spec.get("mask") == "bool":
         mask = torch.rand(B, 1, Sq, Sk, device=device) > 0.3
@@ -145,6 +152,14 @@ def _run_varlen(lens_q, lens_k, Hq, Hkv, D, spec, dtype):
 @pytest.mark.parametrize("name,shape,spec", CASES, ids=[c[0] for c in CASES])
 def test_backward(name, shape, spec, dtype):
     _run_case(shape, spec, dtype, DEVICE)
+
+
+def test_neg_inf_sinks_give_zero_dsinks():
+    """Heads with sink -inf (issue 17 class 4): dsinks exactly 0, never NaN, also with rows that
+    keep nothing (causal Sq > Sk); the other heads' dsinks stay finite."""
+    got = _run_case((2, 19, 11, 4, 2, 16, 16), dict(window=(-1, 0), sinks="-inf"), torch.float32, DEVICE)
+    dsinks = got[3]
+    assert (dsinks[[0, 2]] == 0).all() and dsinks.isfinite().all() and (dsinks[[1, 3]] != 0).all()
 
 
 @pytest.mark.gpu

@@ -43,7 +43,7 @@ def _poisoned(fn):
 
 def _check(q, k, v, configs=None, use_tma=None, **kw):
     """Triton forward (dense) == reference; returns (out, lse)."""
-    kw = _kw(q.shape[-1] ** -0.5, **kw)
+    kw = _kw(kw.pop("scale", q.shape[-1] ** -0.5), **kw)
     if configs is None and use_tma is None:
         out, lse = _poisoned(lambda: forward(q, k, v, ScoreSpec(**kw)))
     else:
@@ -161,6 +161,69 @@ def test_noncontiguous_bitwise(device, layout):
     out, lse = forward(q, k, v, ScoreSpec(**kw))
     ref_out, ref_lse = forward(q.contiguous(), k.contiguous(), v.contiguous(), ScoreSpec(**kw))
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal_sinks", "softcap_window", "alibi_float_mask", "large"])
+def test_negative_scale(device, case):
+    """Any finite scale (issue 17 class 2): with scale < 0 the row max is taken over finished
+    scores (score [Note] negative scale), never over raw q.k times a negative factor."""
+    q, k, v = make_qkv(2, 37, 45, 4, 2, 32, device=device)
+    kw = dict(scale=-0.4)
+    if case == "causal_sinks":
+        kw.update(window=(-1, 0), sinks=randn((4,), torch.float32, device))
+    elif case == "softcap_window":
+        kw.update(softcap=3.0, window=(9, 4))
+    elif case == "alibi_float_mask":
+        kw.update(alibi_slopes=torch.rand(2, 4, device=device), attn_mask=randn((2, 4, 37, 45), torch.float32, device))
+    elif case == "large":  # |t| ~ 300: exp2 of unshifted scores would overflow
+        kw.update(scale=-4.0, window=(-1, 0))
+    out, lse = _check(q, k, v, configs=TINY, **kw)
+    assert out.isfinite().all() and lse.isfinite().all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinks_neg_inf(device, causal):
+    """A sink of -inf (a head that opts out, issue 17 class 4) is no term: its heads equal the
+    call without sinks, rows that keep nothing give out 0 and lse -inf, never NaN."""
+    q, k, v = make_qkv(2, 19, 11, 4, 2, 16, device=device)  # causal Sq > Sk: rows 0..7 keep nothing
+    sinks = torch.tensor([float("-inf"), 0.3, float("-inf"), -1.0], device=device)
+    window = (-1, 0) if causal else (-1, -1)
+    out, lse = _check(q, k, v, configs=TINY, sinks=sinks, window=window)
+    plain, plain_lse = forward(q, k, v, ScoreSpec(**_kw(16 ** -0.5, window=window)))
+    assert torch.equal(out[:, :, [0, 2]], plain[:, :, [0, 2]]) and torch.equal(lse[:, [0, 2]], plain_lse[:, [0, 2]])
+    if causal:
+        assert (lse[:, [0, 2], :8] == float("-inf")).all() and (out[:, :8] == 0).all()
+
+
+def _nan_close(name, got, hi, lo, dtype):
+    """NaN exactly where the oracle has NaN; the rest by the tolerance rule."""
+    assert torch.equal(got.isnan(), hi.isnan()), f"{name}: NaN at {int(got.isnan().sum())}, oracle {int(hi.isnan().sum())}"
+    keep = ~hi.isnan()
+    assert_close(name, got[keep], hi[keep], lo[keep], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hider", ["causal", "window", "bool_mask"])
+def test_nan_key_reaches_only_rows_that_keep_it(device, hider, dtype):
+    """A NaN in key 20 (issue 17 class 3) hidden from some rows by causal / window / bool mask,
+    in an edge tile (16x16 tiles): rows that keep it are NaN in out and lse, as the oracle's
+    [Note] hidden keys; every other row matches the oracle."""
+    q, k, v = make_qkv(1, 32, 32, 2, 1, 16, dtype=dtype, device=device)
+    k[0, 20, 0, 3] = float("nan")
+    kw = dict(window=(-1, 0) if hider == "causal" else (4, 2) if hider == "window" else (-1, -1))
+    if hider == "bool_mask":
+        mask = torch.rand(1, 1, 32, 32, device=device) > 0.3
+        mask[..., 20] = torch.arange(32, device=device) % 3 == 0
+        kw["attn_mask"] = mask.expand(1, 2, 32, 32)
+    spec = ScoreSpec(**_kw(0.25, **kw))
+    out, lse = run_forward(q, k, v, spec, plan.forward_plan(q, k, v, window=spec.window, attn_mask=spec.attn_mask,
+                                                            configs=TINY))
+    ref = dict(scale=0.25, window=spec.window, attn_mask=spec.attn_mask)
+    hi, lo = reference.attention(q, k, v, upcast=True, **ref), reference.attention(q, k, v, upcast=False, **ref)
+    rows = out[0].isnan().any(-1).any(-1)
+    assert rows.any() and not rows.all()
+    _nan_close("out", out, hi[0], lo[0], dtype)
+    _nan_close("lse", lse, hi[1], lo[1], dtype)
 
 
 def _check_varlen(lens_q, lens_k, Hq, Hkv, D, dtype, device, configs=None, use_tma=None, **kw):

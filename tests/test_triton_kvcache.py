@@ -32,17 +32,18 @@ def _cache(B, smax, Hkv, D, Dv, dtype, device, page=None, fused=False):
 
 
 def _check(q, kc, vc, kn, vn, lens, table, *, window=(-1, 0), softcap=0.0, alibi=None, sinks=None,
-           num_splits=0):
+           num_splits=0, scale=None):
     """Run the kernel and the oracle on copies of the caches; compare out, lse, appended caches."""
     causal = window[1] == 0
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     kw = dict(cache_seqlens=lens, block_table=table, softcap=softcap, alibi_slopes=alibi, sinks=sinks,
-              causal=causal, window=(window[0], -1) if causal else window)
+              causal=causal, window=(window[0], -1) if causal else window, scale=scale)
     ref = {}
     for upcast in (True, False):
         kr, vr = kc.clone(), vc.clone()
         ref[upcast] = reference.attention_with_kvcache(q, kr, vr, kn, vn, upcast=upcast, **kw)
     k_run, v_run = kc.clone(), vc.clone()
-    spec = ScoreSpec(scale=q.shape[-1] ** -0.5, window=window, softcap=softcap, alibi_slopes=alibi, sinks=sinks)
+    spec = ScoreSpec(scale=scale, window=window, softcap=softcap, alibi_slopes=alibi, sinks=sinks)
     out, lse = forward_kvcache(q, k_run, v_run, kn, vn, spec, cache_seqlens=lens, block_table=table,
                                num_splits=num_splits)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
@@ -126,6 +127,53 @@ def test_sinks_empty_row_lse_is_sink(device):
     out, lse = _check(q, kc, vc, None, None, lens, None, sinks=sinks, num_splits=3)
     assert (out[0] == 0).all()
     torch.testing.assert_close(lse[0, :, 0], sinks, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_negative_scale(device, splits):
+    """Any finite scale (issue 17 class 2), also with softcap, ALiBi and sinks."""
+    B, Sn, Hq, Hkv = 2, 3, 8, 2
+    q, kc, vc, kn, vn, lens, table = _case(B, Sn, Hq, Hkv, 64, [50, 97], 110, torch.float32, device, page=16)
+    out, lse = _check(q, kc, vc, kn, vn, lens, table, scale=-0.4, num_splits=splits)
+    assert out.isfinite().all() and lse.isfinite().all()
+    _check(q, kc, vc, kn, vn, lens, table, scale=-2.0, window=(20, 0), softcap=5.0,
+           alibi=torch.rand(Hq, device=device).expand(B, Hq), sinks=randn((Hq,), torch.float32, device),
+           num_splits=splits)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_sinks_neg_inf(device, splits):
+    """A sink of -inf is no term (issue 17 class 4): an empty row gives out 0 and lse -inf, the
+    others equal the call without sinks; never NaN, folded in the kernel or in the combine."""
+    q, kc, vc, _, _, lens, _ = _case(2, 1, 4, 2, 64, [0, 20], 32, torch.float32, device, new=False)
+    sinks = torch.tensor([float("-inf"), 0.5, float("-inf"), -1.0], device=device)
+    out, lse = _check(q, kc, vc, None, None, lens, None, sinks=sinks, num_splits=splits)
+    assert (out[0] == 0).all() and (lse[0, [0, 2]] == float("-inf")).all()
+    plain, plain_lse = _check(q, kc, vc, None, None, lens, None, num_splits=splits)
+    torch.testing.assert_close(out[1, :, [0, 2]], plain[1, :, [0, 2]], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse[1, [0, 2]], plain_lse[1, [0, 2]], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("page", [None, 3])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_masked_new_key_nan(device, page, splits):
+    """Sn = 4 new tokens, causal (issue 17 class 3): a NaN in new key 2 of kv head 1 is hidden
+    from new rows 0, 1 and reaches rows 2, 3 of that head's queries only; a NaN in a cached key
+    the window hides reaches nothing. NaN exactly where the oracle has it, the rest its values."""
+    B, Sn, Hq, Hkv, D = 2, 4, 4, 2, 16
+    q, kc, vc, kn, vn, lens, table = _case(B, Sn, Hq, Hkv, D, [6, 11], 16, torch.float32, device, page=page)
+    kn[:, 2, 1, 5] = float("nan")
+    # key 0 of batch row 1: left of the window (6, 0) of every new row
+    kc[(1, 0) if page is None else (table[1, 0].long(), 0)][0, 0] = float("nan")
+    kw = dict(cache_seqlens=lens, block_table=table, window=(6, -1))  # causal by default
+    ref = reference.attention_with_kvcache(q, kc.clone(), vc.clone(), kn, vn, **kw)
+    spec = ScoreSpec(scale=D ** -0.5, window=(6, 0))
+    out, lse = forward_kvcache(q, kc.clone(), vc.clone(), kn, vn, spec, cache_seqlens=lens, block_table=table,
+                               num_splits=splits)
+    assert ref[0][:, 2:, 2:].isnan().any(-1).all() and ref[0][:, :2].isfinite().all()
+    for name, got, hi in (("out", out, ref[0]), ("lse", lse, ref[1])):
+        assert torch.equal(got.isnan(), hi.isnan()), name
+        assert_close(name, got[~hi.isnan()], hi[~hi.isnan()], None, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("D,Dv", [(80, 80), (64, 32)])

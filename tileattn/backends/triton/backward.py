@@ -236,5 +236,6 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
     dsinks = None
     if sinks is not None:  # P_sink,i = exp(sink - lse_i) times dS = 0 - delta_i (from fp32 p * dp)
         sink = sinks.float().view(-1, 1) if varlen else sinks.float().view(1, -1, 1)
-        dsinks = -(torch.exp(sink - lse) * sink_delta).sum(dim=1 if varlen else (0, 2))
+        p_sink = torch.exp(sink - lse).masked_fill(sink == float("-inf"), 0.0)  # a -inf sink has no term
+        dsinks = -(p_sink * sink_delta).sum(dim=1 if varlen else (0, 2))
     return dq, dk, dv, dsinks, dmask
