@@ -37,14 +37,13 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
     slots (8 ids per 128-key tile at page size 16); other page sizes read one id per key.
     A tile's ids are read once for K and V. The slots' offsets are the same for every tile and
     computed once before the loop, and V reuses K's row offsets when their page and slot
-    strides match (KV_SAME_ROWS). H200, bf16, page 16, CUDA-graph us before / after: B=1 4k
-    14.8 / 13.5, B=1 128k 140.9 / 129.6, B=64 4k 267.0 / 254.6. Page ids are scaled by the page
-    stride after the broadcast: scaled before, the compiler loses the offsets' 16-byte
-    divisibility and the gathers went 24-78x slower.
+    strides match (KV_SAME_ROWS). Page ids are scaled by the page stride after the broadcast:
+    scaled before, the compiler loses the offsets' 16-byte divisibility and the gathers are
+    many times slower.
 
 [Note] new keys
     New k/v (B, Sn, Hkv, D) are appended by this kernel, not by a kernel launched before it
-    (that launch cost about 1 us of a 12 us B=1 step). Each split attends its share of the new
+    (a launch is a visible share of a B=1 step). Each split attends its share of the new
     keys from k_new/v_new, never from the cache, so no program reads a slot that another one
     is writing; the cache loop stops at cache_seqlens[b]. The first BLOCK_NEW new rows are
     loaded before cache_seqlens (their addresses do not depend on it) and attended before the
@@ -52,9 +51,8 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
     (b, hkv, split 0, row block 0) then stores them, also before the loop, from a second load
     of rows it has just read (not timed apart: reusing k_new/v_new changes the kernel's code
     and needs a GPU run). Nothing of the new rows stays live through the loop: holding
-    k_new/v_new in registers until after it (a first version) left paged B=64/4k 13% slower,
-    and storing after the loop was 1-2% slower at B=64 than storing before it (H200,
-    h200-decode-fused-append-*).
+    k_new/v_new in registers until after it made the paged loop slower, and storing after the
+    loop was slower than storing before it.
 """
 
 import torch
