@@ -372,6 +372,10 @@ def test_decode_masked_new_key_nan(where, block_size, monkeypatch):
                                                num_splits=2, return_lse=True, backend="cpu", **kw)
     assert ref_out[:, :2].isfinite().all() and ref_out[:, 2:, :2].isfinite().all()  # kv head 0 is clean
     assert ref_out[:, 2:, 2:].isnan().any(-1).all()
+    clean_out, _ = reference.attention_with_kvcache(q, k_dense.nan_to_num(0.5), v_dense.nan_to_num(0.5),
+                                                    k_new.nan_to_num(0.5), v_new.nan_to_num(0.5), cache_seqlens=lens, **kw)
+    fine = ~ref_out.isnan()  # by reasoning: what does not read the NaN equals the clean answer
+    torch.testing.assert_close(ref_out[fine], clean_out[fine], rtol=1e-12, atol=1e-12)
     _nan_close("out", out, ref_out)
     _nan_close("lse", lse, ref_lse, dtype=torch.float32)
 
@@ -448,3 +452,37 @@ def test_debug_checks_env(monkeypatch):
     assert not _checks.debug_checks(meta)
     monkeypatch.setenv("TILEATTN_DEBUG", "1")
     assert _checks.debug_checks(meta)
+
+
+def test_cpu_kept_products_by_brute_force():
+    """backends/cpu/score.py's exact-path matmuls against a pair-by-pair sum: kept pairs are
+    products (NaN / inf where the key holds one), hidden pairs contribute nothing."""
+    from tileattn.backends.cpu import score
+    N, R, Nk, D = 2, 5, 7, 3
+    q, k, v = torch.randn(N, R, D), torch.randn(N, Nk, D), torch.randn(N, Nk, D)
+    k[1, 4, 0], k[0, 2, 1], v[0, 5, 2], v[1, 1, 0] = NAN, INF, NAN, -INF
+    hidden = torch.rand(N, R, Nk) > 0.5
+    hidden[0, :, 2] = True  # the inf key hidden from every row of batch 0
+    s = score.qk_kept(q, k, hidden, out=torch.empty(N, R, Nk), alpha=0.7)
+    p = torch.rand(N, R, Nk).masked_fill(hidden, 0.0)
+    acc0 = torch.randn(N, R, D)
+    acc = score.accumulate_kept(acc0.clone(), p, v, hidden)
+    for n in range(N):
+        for r in range(R):
+            want = acc0[n, r].clone()
+            for j in range(Nk):
+                if hidden[n, r, j]:
+                    assert s[n, r, j].isfinite()  # never NaN / inf from a hidden key (masked to -inf later)
+                    continue
+                dot = (q[n, r] * k[n, j]).sum() * 0.7
+                assert torch.equal(s[n, r, j].isnan(), dot.isnan())
+                if dot.isfinite():
+                    torch.testing.assert_close(s[n, r, j], dot, rtol=1e-5, atol=1e-5)
+                else:
+                    assert s[n, r, j].isnan() or s[n, r, j] == dot
+                want = want + p[n, r, j] * v[n, j]
+            assert torch.equal(acc[n, r].isnan(), want.isnan()) and torch.equal(acc[n, r].isinf(), want.isinf())
+            fin = want.isfinite()
+            torch.testing.assert_close(acc[n, r][fin], want[fin], rtol=1e-5, atol=1e-5)
+    plain = score.accumulate_kept(acc0.clone(), p, v.nan_to_num(0.0, 0.0, 0.0), hidden)  # finite: baddbmm
+    assert torch.equal(plain, acc0.clone().baddbmm_(p, v.nan_to_num(0.0, 0.0, 0.0)))

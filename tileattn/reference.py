@@ -131,11 +131,12 @@ def _kept_products(a, b, kept, *, contract_keys):
     clean = b.masked_fill(bad[..., None], 0.0)
     out = a @ clean if contract_keys else a @ clean.transpose(-1, -2)
     shape = (a.shape[0], a.shape[1], a.shape[2], b.shape[-2])
-    kept_j = kept.expand(shape)[..., keys]                                  # (B, Hq, Sq, J)
-    b_j = torch.where(kept_j[..., None], b[:, :, None, keys], 0.0)          # (B, Hq, Sq, J, E)
-    if contract_keys:  # out_i += sum_j p_ij v_j over the kept non-finite j
+    # pair by pair where b_j is non-finite in this (batch, head) (clean holds 0 there), kept rows only
+    pairs = kept.expand(shape)[..., keys] & bad[:, :, None, keys]           # (B, Hq, Sq, J)
+    b_j = torch.where(pairs[..., None], b[:, :, None, keys], 0.0)           # (B, Hq, Sq, J, E)
+    if contract_keys:  # out_i += sum_j p_ij v_j over those j
         return out + (a[..., keys, None] * b_j).sum(-2)
-    return out.index_copy(-1, keys, (a[..., None, :] * b_j).sum(-1))      # s_ij = q_i . k_j, kept j
+    return out.index_add(-1, keys, (a[..., None, :] * b_j).sum(-1))       # s_ij += q_i . k_j, those j
 
 
 def _run(q, k, v, spec, *, dropout_mask, cu_seqlens_q, cu_seqlens_k, dtype):

@@ -268,9 +268,10 @@ def qk_kept(q, k, hidden, *, out, alpha):
     if keys.numel() == 0:
         return torch.baddbmm(out, q, k.transpose(1, 2), beta=0.0, alpha=alpha, out=out)
     torch.baddbmm(out, q, k.masked_fill(bad[:, :, None], 0.0).transpose(1, 2), beta=0.0, alpha=alpha, out=out)
-    keep = ~hidden.expand(out.shape)[:, :, keys]  # (N, R, J)
+    # pair by pair: (n, j) whose k_j is non-finite (the matmul above scored 0 there), kept rows only
+    keep = ~hidden.expand(out.shape)[:, :, keys] & bad[:, None, keys]  # (N, R, J)
     part = torch.where(keep[..., None], k[:, None, keys], 0.0)  # (N, R, J, D): hidden pairs read nothing
-    out[:, :, keys] = (q[:, :, None] * part).sum(-1) * alpha
+    out[:, :, keys] += (q[:, :, None] * part).sum(-1) * alpha
     return out
 
 
@@ -283,10 +284,9 @@ def accumulate_kept(acc, p, v, hidden, alpha=1.0):
     if keys.numel() == 0:
         return acc.baddbmm_(p, v, alpha=alpha)
     acc.baddbmm_(p, v.masked_fill(bad[:, :, None], 0.0), alpha=alpha)
-    keep = ~hidden.expand(p.shape)[:, :, keys]  # (N, R, J)
-    pj = torch.where(keep, p[:, :, keys], 0.0)  # hidden pairs: exactly nothing
-    part = v[:, keys]  # (N, J, C)
-    terms = torch.where(keep[..., None], pj[..., None] * part[:, None], 0.0)  # (N, R, J, C)
+    # pair by pair: (n, j) whose v_j is non-finite (the plain matmul above had 0 there), kept rows only
+    keep = ~hidden.expand(p.shape)[:, :, keys] & bad[:, None, keys]  # (N, R, J)
+    terms = torch.where(keep[..., None], p[:, :, keys, None] * v[:, None, keys], 0.0)  # (N, R, J, C)
     return acc.add_(terms.sum(2), alpha=alpha)
 
 
