@@ -1,6 +1,6 @@
 """Host-side fast paths: cached forward plans, the autotuner's cached dispatch, integer helpers.
 
-The CUDA-only pieces run here with stand-ins: a fake sm_90 target for planning, and a fake
+The CUDA-only pieces run here with stand-ins: a made-up sm_90 target for planning, and a fake
 kernel (records its launches) under a real ``triton.autotune`` Autotuner whose timing is
 stubbed, so the dispatch logic is checked without a GPU.
 """
@@ -11,7 +11,11 @@ import triton
 from triton.runtime import autotuner as triton_autotuner
 from triton.runtime import KernelInterface
 
-from tileattn import plan
+from tileattn.backends.triton import plan
+from tileattn.backends.triton.plan import configs as tables, tune
+from tileattn.score import ScoreSpec
+
+SM90 = plan.Target("sm_90", "sm_90 (test)", 132)
 
 
 def test_integer_helpers_match_triton():
@@ -21,16 +25,14 @@ def test_integer_helpers_match_triton():
 
 
 @pytest.fixture
-def sm90(monkeypatch):
-    """Plan as on an sm_90 GPU (the planning reads only device facts and tensor metadata)."""
-    monkeypatch.setattr(plan, "device_target", lambda t: ("sm_90", "sm_90 (test)"))
+def no_knobs(monkeypatch):
     monkeypatch.delenv("TILEATTN_TMA", raising=False)
     monkeypatch.delenv("TILEATTN_AUTOTUNE", raising=False)
 
 
 def _plan_cases():
-    """(q, k, v, features) covering what a plan depends on: head dims, dtype, features,
-    16-byte alignment of pointers and strides."""
+    """(q, k, v, spec keywords, planner keywords) covering what a plan depends on: head dims,
+    dtype, features, 16-byte alignment of pointers and strides, overrides."""
     def qkv(d, dv=None, dtype=torch.bfloat16, s=8):
         dv = dv or d
         return torch.zeros(1, s, 2, d, dtype=dtype), torch.zeros(1, s, 2, d, dtype=dtype), \
@@ -41,61 +43,64 @@ def _plan_cases():
 
     q256, k256, v256 = qkv(256)
     big = torch.zeros(1, 8, 2, 264, dtype=torch.bfloat16)
-    cases = [
-        (*qkv(64), {}),
-        (*qkv(128), {"window": (-1, 0)}),
-        (q256, k256, v256, {"window": (-1, 0)}),
-        (shifted(8), k256, v256, {}),  # 16-byte pointer offset: aligned
-        (q256, shifted(1), v256, {}),  # misaligned pointer
-        (big[..., :256], k256, v256, {}),  # row stride 264 * 2 bytes: aligned
-        (q256, k256, big[..., :250], {}),  # aligned strides, Dv * 2 bytes not 16-byte aligned
-        (torch.zeros(1, 8, 2, 260, dtype=torch.bfloat16)[..., :256], k256, v256, {}),  # misaligned stride
-        (*qkv(256, dtype=torch.float32), {}),
-        (*qkv(80, 48, dtype=torch.float16), {"softcap": 1.0, "sinks": torch.zeros(2)}),
-        (*qkv(128), {"attn_mask": torch.ones(1, 1, 8, 8, dtype=torch.bool)}),
-        (*qkv(128), {"attn_mask": torch.ones(1, 1, 8, 8), "alibi_slopes": torch.ones(1, 2),
-                     "dropout_p": 0.1}),
-        (*qkv(64), {"varlen": True, "window": (3, 2)}),
-        (q256, k256, v256, {"use_tma": False}),
-        (*qkv(64), {"configs": [plan.FwdConfig(16, 16, 4, 1)], "use_tma": True}),
+    tiny = plan.Overrides(forward=(plan.Config(16, 16, 4, 1),), use_tma=True)
+    return [
+        (*qkv(64), {}, {}),
+        (*qkv(128), {"window": (-1, 0)}, {}),
+        (q256, k256, v256, {"window": (-1, 0)}, {}),
+        (shifted(8), k256, v256, {}, {}),  # 16-byte pointer offset: aligned
+        (q256, shifted(1), v256, {}, {}),  # misaligned pointer
+        (big[..., :256], k256, v256, {}, {}),  # row stride 264 * 2 bytes: aligned
+        (q256, k256, big[..., :250], {}, {}),  # aligned strides, Dv * 2 bytes not 16-byte aligned
+        (torch.zeros(1, 8, 2, 260, dtype=torch.bfloat16)[..., :256], k256, v256, {}, {}),  # misaligned stride
+        (*qkv(256, dtype=torch.float32), {}, {}),
+        (*qkv(80, 48, dtype=torch.float16), {"softcap": 1.0, "sinks": torch.zeros(2)}, {}),
+        (*qkv(128), {"attn_mask": torch.ones(1, 1, 8, 8, dtype=torch.bool)}, {}),
+        (*qkv(128), {"attn_mask": torch.ones(1, 1, 8, 8), "alibi_slopes": torch.ones(1, 2), "dropout_p": 0.1}, {}),
+        (*qkv(64), {"window": (3, 2)}, {"varlen": True}),
+        (q256, k256, v256, {}, {"overrides": plan.Overrides(use_tma=False)}),
+        (*qkv(64), {}, {"overrides": tiny}),
     ]
-    return cases
 
 
 @pytest.mark.parametrize("env", [{}, {"TILEATTN_TMA": "0"}, {"TILEATTN_TMA": "1"}, {"TILEATTN_AUTOTUNE": "0"}])
-def test_cached_plans_equal_fresh_ones(sm90, monkeypatch, env):
+def test_cached_plans_equal_fresh_ones(no_knobs, monkeypatch, env):
     """Every plan served from the cache (warm, interleaved calls, env changed at run time)
     equals the one planned from scratch, down to the describe() text."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    cases = _plan_cases()
+    cases = [(q, k, v, ScoreSpec.build(q.shape[-1], **kw), pkw) for q, k, v, kw, pkw in _plan_cases()]
     fresh = []
-    for q, k, v, kw in cases:
-        plan._make_plan.cache_clear()
-        fresh.append(plan.forward_plan(q, k, v, **kw))
+    for q, k, v, spec, pkw in cases:
+        plan.cache_clear()
+        fresh.append(plan.plan_forward(q, k, v, spec, target=SM90, **pkw))
     for _ in range(2):
-        for (q, k, v, kw), want in zip(cases, fresh):
-            got = plan.forward_plan(q, k, v, **kw)
-            assert got == want and got.describe() == want.describe()
+        for (q, k, v, spec, pkw), want in zip(cases, fresh):
+            got = plan.plan_forward(q, k, v, spec, target=SM90, **pkw)
+            assert got == want and got.describe(spec) == want.describe(spec)
 
 
-def test_cached_plans_follow_alignment_and_env(sm90, monkeypatch):
+def test_cached_plans_follow_alignment_and_env(no_knobs, monkeypatch):
     q, k, v = (torch.zeros(1, 8, 2, 256, dtype=torch.bfloat16) for _ in range(3))
-    assert plan.forward_plan(q, k, v).use_tma
+    spec = ScoreSpec(scale=1.0)
+
+    def fplan(*t):
+        return plan.plan_forward(*(t or (q, k, v)), spec, target=SM90)
+    assert fplan().use_tma
     odd = torch.zeros(1 * 8 * 2 * 256 + 1, dtype=torch.bfloat16)[1:].view(1, 8, 2, 256)
-    p = plan.forward_plan(q, odd, v)
+    p = fplan(q, odd, v)
     assert not p.use_tma and "k pointer or strides (4096, 512, 256, 1) not 16-byte aligned" in p.loads_why
-    assert plan.forward_plan(q, k, v).use_tma
+    assert fplan().use_tma
     monkeypatch.setenv("TILEATTN_TMA", "0")
-    assert not plan.forward_plan(q, k, v).use_tma
+    assert not fplan().use_tma
     monkeypatch.setenv("TILEATTN_TMA", "1")
     small = [t[..., :64] for t in (q, k, v)]
-    assert plan.forward_plan(*small).use_tma
+    assert fplan(*small).use_tma
     monkeypatch.delenv("TILEATTN_TMA")
-    assert not plan.forward_plan(*small).use_tma
-    assert len(plan.forward_plan(q, k, v).configs) > 1
+    assert not fplan(*small).use_tma
+    assert len(fplan().configs) > 1
     monkeypatch.setenv("TILEATTN_AUTOTUNE", "0")
-    assert len(plan.forward_plan(q, k, v).configs) == 1
+    assert len(fplan().configs) == 1
 
 
 class FakeKernel(KernelInterface):
@@ -122,8 +127,8 @@ def timed(monkeypatch):
         return [float(config.kwargs["BLOCK_N"])] * 3
 
     monkeypatch.setattr(triton_autotuner.Autotuner, "_bench", bench)
-    monkeypatch.setattr(plan, "_max_shared_mem", lambda index: 100 * 1024)
-    monkeypatch.setattr(plan, "_TUNED", {})
+    monkeypatch.setattr(tune, "_max_shared_mem", lambda index: 100 * 1024)
+    monkeypatch.setattr(tune, "_TUNED", {})
     return timed
 
 
@@ -131,9 +136,9 @@ def test_tuned_kernel_dispatch(timed):
     """First call per tuning key: the Autotuner prunes, times and launches; later calls launch the
     remembered config directly with the same meta-parameters; a new key (tune value or dtype) tunes again."""
     kernel = FakeKernel()
-    configs = [plan.FwdConfig(128, 64, 8, 3), plan.FwdConfig(64, 32, 4, 2), plan.FwdConfig(256, 256, 8, 4)]
-    tuned = plan.autotuner(kernel, ("test", 1), configs, plan._smem_bytes, lambda c: c.block_m, "tune_sq")
-    assert plan.autotuner(kernel, ("test", 1), configs, plan._smem_bytes, lambda c: c.block_m, "tune_sq") is tuned
+    configs = [plan.Config(128, 64, 8, 3), plan.Config(64, 32, 4, 2), plan.Config(256, 256, 8, 4)]
+    tuned = plan.autotuner(kernel, ("test", 1), configs, tables.forward_smem, lambda c: c.block_m, "tune_sq")
+    assert plan.autotuner(kernel, ("test", 1), configs, tables.forward_smem, lambda c: c.block_m, "tune_sq") is tuned
     through_autotuner = []
     autotuner_run = tuned.tuner.run
     tuned.tuner.run = lambda *a, **k: through_autotuner.append(1) or autotuner_run(*a, **k)
@@ -171,8 +176,8 @@ def test_tuned_kernel_follows_autotuner_choice(timed, monkeypatch):
     monkeypatch.setattr(triton_autotuner.Autotuner, "_bench",
                         lambda self, *a, config, **k: [1.0 / config.kwargs["BLOCK_M"]] * 3)
     kernel = FakeKernel()
-    configs = [plan.FwdConfig(64, 32, 4, 2), plan.FwdConfig(128, 64, 8, 3)]
-    tuned = plan.autotuner(kernel, ("test", 2), configs, plan._smem_bytes, lambda c: c.block_m, "tune_sq")
+    configs = [plan.Config(64, 32, 4, 2), plan.Config(128, 64, 8, 3)]
+    tuned = plan.autotuner(kernel, ("test", 2), configs, tables.forward_smem, lambda c: c.block_m, "tune_sq")
     q = torch.zeros(4, dtype=torch.float16)
     for _ in range(3):
         tuned[(5,)](q, q, 7, 1024, 1024, BLOCK_D=64, BLOCK_DV=64)

@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from tileattn.backends.triton.launch import fast
-from tileattn.plan import next_pow2
+from tileattn.backends.triton.plan import next_pow2
 
 from .combine import _rows_mask, combine_splits
 from .score import LOG2E, finish_rows, keep_tile, sink_fold, softmax_step, step_input
@@ -327,7 +327,7 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
     stride 1. k_new/v_new: None, or (B, Sn, Hkv, D[v]) with last dim stride 1, written in
     place at positions cache_seqlens[b] .. + Sn (the caller checked the capacity).
     cache_seqlens int32 (B,) on device (never read on the host). ``plan`` is a
-    :class:`tileattn.backends.triton.kvcache.DecodePlan`. Returns out (B, Sn, Hq, Dv) in
+    :class:`tileattn.backends.triton.plan.DecodePlan` for these shapes. Returns out (B, Sn, Hq, Dv) in
     q.dtype (contiguous) and lse (B, Hq, Sn) float32 (natural log, sink included).
     """
     B, Sn, Hq, D = q.shape
@@ -335,9 +335,8 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
     out = torch.empty((B, Sn, Hq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sn), dtype=torch.float32, device=q.device)
     splits = plan.num_splits
-    if splits > 1:  # fp32 workspace sized from shapes only (CUDA-graph safe)
-        dst_o = torch.empty((B, Sn, Hq, splits, Dv), dtype=torch.float32, device=q.device)
-        dst_lse = torch.empty((B, Sn, Hq, splits), dtype=torch.float32, device=q.device)
+    if splits > 1:  # the plan's fp32 partials for this stream and thread (plan [Note] decode workspace)
+        dst_o, dst_lse = plan.workspace()
         o_strides = dst_o.stride()[:4]
         l_strides = (dst_lse.stride(0), dst_lse.stride(2), dst_lse.stride(1), dst_lse.stride(3))
     else:

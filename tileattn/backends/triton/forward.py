@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tileattn import plan as _plan
+from tileattn.backends.triton import plan as _plan
 from tileattn.backends.triton.score import (LOG2E, block_ranges, dropout_keep, finish_rows, head_terms, keep_tile,
                                             load_mask_tile, load_rows, seq_bounds, softmax_init, softmax_step,
                                             step_input)
@@ -179,7 +179,7 @@ def _outputs(q, v, varlen, batch, seqlen_q, hq):
 
 def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                 max_seqlen_k=None):
-    """Launch the forward for ``spec`` (a ScoreSpec) with an explicit ``plan.FwdPlan`` (the
+    """Launch the forward for ``spec`` (a ScoreSpec) with an explicit ``plan.ForwardPlan`` (the
     contract's ``forward`` plans first)."""
     varlen = cu_seqlens_q is not None
     hq = q.shape[-2]
@@ -196,7 +196,7 @@ def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, m
         return out.zero_(), lse.fill_(float("-inf"))
     sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
     grid = lambda meta: (_plan.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
-    kernel = fast(_plan.forward_kernel(_fwd_kernel, fplan))
+    kernel = fast(_plan.kernel_for(_fwd_kernel, "forward", fplan.configs, fplan.autotune, fplan.tune_key())[0])
     if fplan.use_tma and q.is_cuda:
         _ensure_tma_allocator()
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
@@ -217,8 +217,6 @@ def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, m
 
 def forward(q, k, v, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
     """Backend-contract forward (see ``tileattn.backends``) -> (out, lse)."""
-    fplan = _plan.forward_plan(q, k, v, window=spec.window, softcap=spec.softcap, alibi_slopes=spec.alibi_slopes,
-                               sinks=spec.sinks, attn_mask=spec.attn_mask, dropout_p=spec.dropout_p,
-                               varlen=cu_seqlens_q is not None)
+    fplan = _plan.plan_forward(q, k, v, spec, varlen=cu_seqlens_q is not None)
     return run_forward(q, k, v, spec, fplan, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
