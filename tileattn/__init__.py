@@ -3,12 +3,14 @@
     >>> import torch, tileattn
     >>> q, k, v = (torch.randn(1, 128, 8, 64) for _ in range(3))
     >>> out = tileattn.attention(q, k, v, causal=True)
+
+Triton is imported on first GPU use (a CUDA tensor, or ``backend="triton"``), so CPU-only
+machines need no Triton; ``tileattn.plan`` imports it when asked for a plan.
 """
 
-from . import backends, kvcache, plan, reference
+from . import kvcache, plan, reference
 from .api import SDPAInputError, attention, attention_varlen, attention_with_kvcache, sdpa
 
-backends._load_all()
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa", "SDPAInputError", "kvcache", "plan",
            "reference", "__version__"]

@@ -85,9 +85,12 @@ def demo() -> int:
 
 
 def info() -> int:
-    import triton
-
-    print(f"tileattn {__import__('tileattn').__version__}, torch {torch.__version__}, triton {triton.__version__}")
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # CPU-only install: the CPU backend still runs
+        triton_version = "not installed"
+    print(f"tileattn {__import__('tileattn').__version__}, torch {torch.__version__}, triton {triton_version}")
     print(f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     return 0
 

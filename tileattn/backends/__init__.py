@@ -57,23 +57,35 @@ dtypes follow ``docs/design/API.md``; ``tileattn.reference`` is the same in code
 import importlib
 
 BACKENDS = ("cpu", "triton", "reference")
+_PATHS = {"cpu": "tileattn.backends.cpu", "triton": "tileattn.backends.triton", "reference": "tileattn.reference"}
 _MODULES = {}
 _ERRORS = {}
 
 
-def _load_all() -> None:
-    """Import every backend once, at package import, so `get` stays a dict lookup that
-    torch.compile can trace; a backend that fails to import records why."""
-    for name in BACKENDS:
-        path = "tileattn.reference" if name == "reference" else f"tileattn.backends.{name}"
+def _load(name: str):
+    """The backend module, imported on first use (the Triton backend imports Triton, so CPU-only
+    machines never need it), or None when it cannot be imported (the reason kept in _ERRORS).
+
+    ``get`` is reached from code that ``torch.compile(fullgraph=True)`` traces; as an
+    assume-constant function this runs (imports included) at trace time and its result is a
+    constant of the graph, so a first use inside a compiled function does not break the graph."""
+    if name not in _MODULES and name not in _ERRORS and name in _PATHS:
         try:
-            _MODULES[name] = importlib.import_module(path)
+            _MODULES[name] = importlib.import_module(_PATHS[name])
         except ImportError as err:
-            _ERRORS[name] = err
+            _ERRORS[name] = f"{err}"
+    return _MODULES.get(name)
+
+
+# torch.compiler.assume_constant_result(_load), spelled out: calling it at import would import
+# torch._dynamo (~1 s, and it imports Triton); dynamo reads only this attribute.
+_load._dynamo_marked_constant = True
 
 
 def get(name: str):
-    """Return the backend module for ``name`` (one of BACKENDS); ImportError if unavailable."""
-    if name not in _MODULES:
-        raise ImportError(str(_ERRORS.get(name, f"unknown backend {name!r}")))
-    return _MODULES[name]
+    """Return the backend module for ``name`` (one of BACKENDS), importing it on first use;
+    ImportError if unavailable (e.g. "triton" without Triton installed)."""
+    module = _load(name)
+    if module is None:
+        raise ImportError(_ERRORS.get(name, f"unknown backend {name!r}"))
+    return module
