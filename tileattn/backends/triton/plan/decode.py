@@ -21,10 +21,12 @@ step and a captured CUDA graph replays with new lengths. Choices:
     stream and thread. Calls on one stream run in order, so a layer's kernel never overwrites
     partials the previous layer's combine has not read; calls on other streams or threads get
     their own pair (two threads issuing onto one stream could otherwise interleave a decode
-    kernel between another call's decode and combine). Under CUDA-graph capture the pair of
-    the capture stream is used (allocated in the graph's pool when first seen there) and
-    replays reuse it. At most MAX_WORKSPACES pairs are kept per plan; dropping the oldest is
-    safe because the caching allocator reuses freed memory only in its stream's order.
+    kernel between another call's decode and combine). At most MAX_WORKSPACES pairs are kept
+    per plan; dropping the oldest (or the whole plan, when the plan cache drops it) is safe
+    in eager mode because the caching allocator hands freed memory out again only in its
+    stream's order. Under CUDA-graph capture a call allocates its pair as before (in the
+    graph's private pool, which the graph owns and its replays reuse): a cached pair used by a
+    graph would have to outlive the graph, which the plan cannot promise.
 """
 
 import functools
@@ -103,18 +105,25 @@ class DecodePlan:
         if self.num_splits == 1:
             return None
         device = self.device
-        stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None
+        stream = None
+        if device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():  # the graph owns its call's pair
+                return self._allocate()
+            stream = torch._C._cuda_getCurrentRawStream(device.index)
         key = (stream, threading.get_ident())
         ws = self._workspaces.get(key)
         if ws is None:
-            shape = (self.batch, self.seqlen_new, self.hq, self.num_splits)
-            ws = (torch.empty((*shape, self.head_dim_v), dtype=torch.float32, device=device),
-                  torch.empty(shape, dtype=torch.float32, device=device))
+            ws = self._allocate()
             with _WORKSPACE_LOCK:
                 while len(self._workspaces) >= MAX_WORKSPACES:
                     self._workspaces.pop(next(iter(self._workspaces)))
                 self._workspaces[key] = ws
         return ws
+
+    def _allocate(self):
+        shape = (self.batch, self.seqlen_new, self.hq, self.num_splits)
+        return (torch.empty((*shape, self.head_dim_v), dtype=torch.float32, device=self.device),
+                torch.empty(shape, dtype=torch.float32, device=self.device))
 
     def describe(self, spec=None) -> str:
         rows_why, splits_why, block_n_why, warps_why, stages_why = self.why
@@ -133,7 +142,7 @@ class DecodePlan:
         if self.num_splits > 1:
             lines.append(f"  combine: _combine_kernel merges {self.num_splits} fp32 partials per row; workspace "
                          f"{self.batch}x{self.seqlen_new}x{self.hq}x{self.num_splits}x{self.head_dim_v} owned by "
-                         "the plan, one per (stream, thread)")
+                         "the plan, one per (stream, thread); per call under graph capture")
         else:
             lines.append("  combine: none (one split writes out and lse directly)")
         return "\n".join(lines)
