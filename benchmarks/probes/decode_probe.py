@@ -11,8 +11,9 @@ B * Hkv * splits <= 8 programs per SM through ``attention_with_kvcache(num_split
 Times are medians of graph replays over rotated input copies (replays read HBM, not L2); TB/s
 counts the K+V bytes read. No new keys are appended (the benchmark's decode set appends).
 
-The key tile and the pipeline depth are the planner's choice; forcing them waits for the
-planner's documented config override (see docs/performance.md, method).
+The key tile and the pipeline depth are the planner's choice (``tileattn.plan.describe_kvcache``
+says which); to time another, wrap the calls in the planner's override, e.g.
+``with tileattn.plan.overrides(decode_block_n=64, decode_num_stages=4): ...``.
 """
 
 import json
