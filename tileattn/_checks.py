@@ -1,8 +1,15 @@
 """Input validation shared by every entry point: raise before any work, mutate nothing.
 
 Every message starts with ``tileattn:``, names the argument, and says what was expected and
-what was received. Checks that need a device->host sync (cu_seqlens values, page ids, cache
-capacity) run on CPU tensors always and on GPU tensors only when ``TILEATTN_DEBUG=1``.
+what was received: ``TypeError`` for a wrong type (``softcap=None``, ``dropout_p='0.1'``, a
+window of bools), ``ValueError`` for a wrong value. Checks that need a device->host sync
+(cu_seqlens values, max_seqlen against the lengths, page ids, cache capacity) run on CPU
+tensors always and on GPU tensors only when ``TILEATTN_DEBUG=1`` (:func:`debug_checks`).
+
+Strides (issue 17, class 1): the small tensors (sinks, alibi_slopes, cu_seqlens_*,
+cache_seqlens, block_table) come back contiguous from their validators, so no backend reads
+them through assumed strides; a KV cache is used in place, so one whose last dim is not
+unit-stride, or an expanded (stride-0) one that would be written, is refused (:func:`kvcache`).
 """
 
 import math
@@ -152,7 +159,8 @@ def index_tensor(name: str, t, ref: torch.Tensor, rank: int, ref_name: str = "q"
 
 
 def cache_capacity(k_cache: torch.Tensor, block_table) -> int:
-    """Tokens one sequence can hold (see :func:`tileattn.paged.capacity`)."""
+    """Tokens one sequence can hold (alias of :func:`tileattn.paged.capacity`, for callers not
+    yet moved to it)."""
     return paged.capacity(k_cache, block_table)
 
 

@@ -51,7 +51,9 @@ def _core(q, k, v, spec, *, keep, dtype):
         float mask (even -inf) is a score term, not a keep test. A row reads nothing of a key
         it does not keep: a non-finite k_j or v_j reaches exactly the rows that keep j --
         their out and lse are NaN, and so are the gradients that flow through them (dq of
-        those rows, dk / dv of the keys those rows keep, dsinks) -- and nothing else. Plain
+        those rows, dk / dv of the keys those rows keep, dsinks) -- and nothing else. Dropout
+        does not hide: it multiplies a kept weight by 0 or 1/(1-p) (0 * NaN = NaN), as the
+        kernels' P @ V and delta = rowsum(dO * O) do. Plain
         matmuls cannot say that (0 * NaN = NaN in q @ k^T's backward and in P @ V), so a
         non-finite key or value column is multiplied pair by pair, for kept pairs only
         (:func:`_kept_products`); finite inputs take the plain matmuls. A non-finite query
@@ -99,8 +101,8 @@ def _core(q, k, v, spec, *, keep, dtype):
         p = torch.where(kept, p, 0.0)
     lse = torch.where(empty, _NEG_INF, torch.log(safe) + m).squeeze(-1)
 
-    if keep is not None:                                                    # 7. dropout
-        p = torch.where(keep.to(p.device), p, 0.0) / (1.0 - spec.dropout_p)
+    if keep is not None:  # 7. dropout: the weight times 0 / 1 (a dropped pair is still kept: 0 * NaN = NaN)
+        p = p * keep.to(device=p.device, dtype=p.dtype) / (1.0 - spec.dropout_p)
     out = _kept_products(p, vh, kept, contract_keys=True).transpose(1, 2)   # 8. P @ V
     return out, lse
 
