@@ -6,10 +6,10 @@ Two layouts (API.md), told apart by ``block_table``:
     paged       cache (num_blocks, page_size, Hkv, D), block_table int32 (B, max_blocks):
                 position p of row b is cache[block_table[b, p // page_size], p % page_size]
 
-Every host-side user of the rule goes through here: the reference (``tileattn.reference``),
-the CPU decode (``backends/cpu/decode.py``), the cache helpers (``tileattn.kvcache``), the
-validation (``tileattn._checks.kvcache``) and the tests. Torch ops only, on the cache's
-device, no host sync (except :func:`pages_in_use`'s callers, which read values on purpose).
+Host-side users of the rule go through here: the reference (``tileattn.reference``), the
+CPU decode (``backends/cpu/decode.py``), the cache helpers (``tileattn.kvcache``), the
+validation (``tileattn._checks.kvcache``) and tests/test_kvcache.py. Torch ops only, on the
+cache's device, no host sync (:func:`pages_in_use`'s caller reads the result on purpose).
 The Triton kernels apply the same rule on device (``backends/triton``).
 
 Example::
