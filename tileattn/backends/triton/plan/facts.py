@@ -155,7 +155,9 @@ _ACTIVE_LOCK = threading.Lock()
 
 def active(explicit: Optional[Overrides] = None) -> Overrides:
     """The overrides a plan uses: the active block's, with ``explicit`` (a planner argument) on top."""
-    return _ACTIVE if explicit is None else _ACTIVE.merged(explicit)
+    if explicit is None or explicit is _ACTIVE:
+        return _ACTIVE
+    return explicit if _ACTIVE is NONE else _ACTIVE.merged(explicit)
 
 
 @contextlib.contextmanager
