@@ -158,12 +158,6 @@ def index_tensor(name: str, t, ref: torch.Tensor, rank: int, ref_name: str = "q"
     return t.contiguous()
 
 
-def cache_capacity(k_cache: torch.Tensor, block_table) -> int:
-    """Tokens one sequence can hold (alias of :func:`tileattn.paged.capacity`, for callers not
-    yet moved to it)."""
-    return paged.capacity(k_cache, block_table)
-
-
 # ----------------------------------------------------------------------------- varlen
 
 
