@@ -1,4 +1,8 @@
-"""The oracle is right: checked against SDPA, explicit masks and hand-written formulas (CPU, fast)."""
+"""The oracle is right: checked against SDPA, explicit masks and hand-written formulas (CPU, fast).
+
+The oracle as a backend (``backend="reference"`` through the public API, every feature and
+entry point) is a column of the matrix in test_features.py.
+"""
 
 import math
 
@@ -7,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tileattn import _philox, reference as R
-from tests.helpers import assert_close, cu_seqlens, leaf, make_qkv, randn, to_paged
-from tileattn.score import ScoreSpec
+from tests.helpers import assert_close, cu_seqlens, make_qkv, randn, to_paged
 
 F64 = torch.float64
 SHAPES = [  # B, Sq, Sk, Hq, Hkv, D, Dv
@@ -224,51 +227,6 @@ def test_gradcheck():
                            sinks=sinks, attn_mask=mask)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, sinks, mask))
-
-
-def test_backend_contract_matches_autograd():
-    B, Sq, Sk, Hq, Hkv, D, Dv, p, seed = 2, 5, 7, 4, 2, 8, 6, 0.25, 7
-    q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, Dv, dtype=torch.float32, layout="padded")
-    sinks, mask = torch.randn(Hq), torch.randn(B, 1, Sq, Sk)
-    slopes = torch.rand(Hq)
-    kw = dict(scale=0.3, window=(3, 0), softcap=4.0, alibi_slopes=slopes.expand(B, Hq), sinks=sinks,
-              attn_mask=mask.expand(B, Hq, Sq, Sk), dropout_p=p, seed=seed)
-    out, lse = R.forward(q, k, v, ScoreSpec(**kw))
-    assert out.dtype == torch.float32 and lse.dtype == torch.float32 and out.is_contiguous()
-    q64, k64, v64, s64, m64 = (leaf(x, F64) for x in (q, k, v, sinks, mask))
-    o64, l64 = R.attention(q64, k64, v64, causal=True, scale=0.3, window=(3, -1), softcap=4.0, alibi_slopes=slopes,
-                           sinks=s64, attn_mask=m64, dropout_p=p, dropout_seed=seed)
-    assert_close("out", out, o64, None)
-    assert_close("lse", lse, l64, None)
-    dout = torch.randn_like(out)
-    dq, dk, dv, ds, dm = R.backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=True, mask_grad=True)
-    want = torch.autograd.grad(o64, (q64, k64, v64, s64, m64), dout.double())
-    for name, got, ref in zip(("dq", "dk", "dv", "dsinks"), (dq, dk, dv, ds), want):
-        assert_close(name, got, ref, None)
-    assert dm.shape == (B, Hq, Sq, Sk) and dm.dtype == torch.float32
-    assert_close("dmask", dm.sum(1, keepdim=True), want[4], None)
-    # bool masks get a dmask too (zero where dropped)
-    bmask = (torch.rand(B, Hq, Sq, Sk) > 0.3)
-    *_, dmb = R.backward(dout, q, k, v, out, lse, ScoreSpec(**{**kw, "attn_mask": bmask}), mask_grad=True)
-    assert (dmb[~bmask] == 0).all() and not dmb.isnan().any()
-
-
-def test_backend_contract_varlen_and_kvcache():
-    lq, lk, Hq = [2, 5], [6, 3], 2
-    cq, ck = cu_seqlens(lq), cu_seqlens(lk)
-    q, k, v = torch.randn(7, Hq, 8), torch.randn(9, 1, 8), torch.randn(9, 1, 8)
-    spec = ScoreSpec(scale=0.35, window=(-1, 0))
-    kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=5, max_seqlen_k=6)
-    out, lse = R.forward(q, k, v, spec, **kw)
-    o, l = R.attention_varlen(q, k, v, cq, ck, causal=True, scale=0.35)
-    assert_close("out", out, o, None)
-    assert_close("lse", lse, l, None)
-    dq, dk, dv, ds, dm = R.backward(torch.ones_like(out), q, k, v, out, lse, spec, **kw, deterministic=False, mask_grad=False)
-    assert dq.shape == q.shape and dk.shape == k.shape and ds is None and dm is None
-    kc, vc, qd = torch.randn(2, 8, 1, 8), torch.randn(2, 8, 1, 8), torch.randn(2, 1, Hq, 8)
-    out, lse = R.forward_kvcache(qd, kc, vc, None, None, spec, cache_seqlens=torch.tensor([3, 8], dtype=torch.int32),
-                                 block_table=None, num_splits=0)
-    assert out.shape == (2, 1, Hq, 8) and lse.shape == (2, Hq, 1) and lse.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
