@@ -14,7 +14,8 @@ import triton.language as tl
 from triton import knobs
 from triton.runtime.jit import JITFunction
 
-from tileattn import plan
+from tileattn.backends.triton import plan
+from tileattn.backends.triton.plan import configs as tables, tune
 from tileattn.backends.triton import launch
 
 
@@ -160,9 +161,9 @@ def test_cache_starts_over_past_its_limit(fake_device, monkeypatch):
 def test_tuned_kernel_keys_tuning_values_exactly(fake_device, monkeypatch):
     """Over a TunedKernel, the autotuner's keys (do_not_specialize ints) are exact signature
     values, and the grid gets the tuned config's meta-parameters."""
-    monkeypatch.setattr(plan, "_TUNED", {})
+    monkeypatch.setattr(tune, "_TUNED", {})
     jit = JITFunction(_tuned_kernel, do_not_specialize=["seed", "tune_sq", "tune_sk"])
-    tuned = plan.autotuner(jit, ("launch test",), [plan.FwdConfig(4, 4, 4, 1)], plan._smem_bytes,
+    tuned = plan.autotuner(jit, ("launch test",), [plan.Config(4, 4, 4, 1)], tables.forward_smem,
                            lambda c: c.block_m, "tune_sq")
     best = type("Config", (), {"kwargs": {"BLOCK": 16}})()
     fast = _fast(tuned, SlowLaunch(best_config=best))

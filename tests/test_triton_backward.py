@@ -6,15 +6,18 @@ RELIABILITY.md's rule with c = 3. On CPU the kernels run in the Triton interpret
 (fp32/fp16, small shapes); on CUDA every case also runs in bf16, plus larger GPU-only shapes.
 """
 
+import contextlib
 import math
-import sys
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
+import tileattn
 from tileattn import reference
+from tileattn.backends.triton import plan
+from tileattn.backends.triton.plan import Config, configs as tables
 from tileattn.backends.triton.backward import backward
 from tileattn.backends.triton.backward_kernels import _block_and_head
 from tileattn.score import ScoreSpec
@@ -25,7 +28,6 @@ try:
 except ImportError:  # developed before the Triton forward existed
     forward = reference.forward
 
-BW = sys.modules[backward.__module__]  # the launcher module (the package re-exports the function)
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -169,49 +171,50 @@ def test_backward_gpu_shapes(name, shape, spec, dtype):
     _run_case(shape, spec, dtype, "cuda")
 
 
-def _force_configs(monkeypatch, kv, q):
-    """Launch the dK/dV kernel with config ``kv`` and the dQ kernel with ``q`` (no autotuning)."""
-    monkeypatch.setattr(BW, "_configs", lambda table, *args: (kv if table is BW._DKDV else q,))
+def _force_configs(kv, q, **more):
+    """While the block runs, the dK/dV kernel launches config ``kv`` and the dQ kernel ``q``
+    (no autotuning); ``more``: other planner overrides (use_tma)."""
+    return tileattn.plan.overrides(dkdv=[kv], dq=[q], **more)
 
 
 @pytest.mark.parametrize("kv,q", [((16, 32), (32, 16)), ((64, 16), (16, 64))], ids=["m16n32", "m64n16"])
-def test_block_shapes(monkeypatch, kv, q):
+def test_block_shapes(kv, q):
     """The tiling logic (block ranges, edge tiles, GQA loop) is independent of the block sizes."""
-    _force_configs(monkeypatch, BW.Cfg(*kv, 4, 1, ""), BW.Cfg(*q, 4, 1, ""))
-    for spec in (dict(window=(-1, 0), alibi=True), dict(window=(7, 3), mask="bool", p=0.2)):
-        _run_case((1, 45, 38, 2, 1, 32, 32), spec, torch.float32, DEVICE)
+    with _force_configs(Config(*kv, 4, 1), Config(*q, 4, 1)):
+        for spec in (dict(window=(-1, 0), alibi=True), dict(window=(7, 3), mask="bool", p=0.2)):
+            _run_case((1, 45, 38, 2, 1, 32, 32), spec, torch.float32, DEVICE)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("i", range(max(len(c) for c in (*BW._DKDV.values(), *BW._DQ.values()))))
+@pytest.mark.parametrize("i", range(max(len(c) for c in (*tables.DKDV.values(), *tables.DQ.values()))))
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointers"])
-def test_every_tuned_config(monkeypatch, tma, D, i):
+def test_every_tuned_config(tma, D, i):
     """Each sm_90 config the autotuner may pick is correct (not only the one it picked here),
     with tensor-descriptor and with pointer tile loads (the launcher picks by length)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("sm_90 config table")
-    monkeypatch.setenv("TILEATTN_TMA", tma)
     key = ("sm_90", "16", D)
-    kv, q = BW._DKDV[key], BW._DQ[key]
+    kv, q = tables.DKDV[key], tables.DQ[key]
     if i >= max(len(kv), len(q)):
         pytest.skip(f"D={D} has {max(len(kv), len(q))} configs")
-    _force_configs(monkeypatch, kv[min(i, len(kv) - 1)], q[min(i, len(q) - 1)])
-    for spec in (dict(window=(-1, 0)), dict(window=(100, 30), sinks=True, p=0.1, alibi=True)):
-        _run_case((2, 300, 333, 4, 2, D, D), spec, torch.bfloat16, "cuda")
+    with _force_configs(kv[min(i, len(kv) - 1)], q[min(i, len(q) - 1)], use_tma=tma == "1"):
+        for spec in (dict(window=(-1, 0)), dict(window=(100, 30), sinks=True, p=0.1, alibi=True)):
+            _run_case((2, 300, 333, 4, 2, D, D), spec, torch.bfloat16, "cuda")
 
 
 @pytest.mark.parametrize("tma", ["1", "0"], ids=["tma", "pointers"])
-def test_tile_loads(monkeypatch, tma):
+def test_tile_loads(tma):
     """Tensor-descriptor (TMA) and pointer loads of the inner loops' tiles: ragged last tiles,
     head dim 40 in a 64-wide block, GQA, windows, zero-length varlen sequences."""
-    monkeypatch.setenv("TILEATTN_TMA", tma)
     dtype = torch.bfloat16 if HAS_CUDA else torch.float16
-    assert BW._use_tma(*make_qkv(1, 8, 8, 2, 1, 32, dtype=dtype, device=DEVICE), torch.empty(1, 8, 2, 32,
-                       dtype=dtype, device=DEVICE), 8) == (tma == "1")
-    _run_case((1, 45, 38, 4, 2, 40, 40), dict(window=(-1, 0), alibi=True), dtype, DEVICE)
-    _run_case((2, 33, 50, 2, 2, 32, 16), dict(window=(7, 3), sinks=True, p=0.2), dtype, DEVICE)
-    _run_varlen([5, 0, 17, 3], [9, 3, 17, 0], 4, 2, 32, dict(window=(-1, 0)), dtype)
+    with tileattn.plan.overrides(use_tma=tma == "1"):
+        q, k, v = make_qkv(1, 8, 8, 2, 1, 32, dtype=dtype, device=DEVICE)
+        assert plan.plan_backward(q, k, v, q, ScoreSpec(scale=1.0), max_seqlen_q=8,
+                                  max_seqlen_k=8).use_tma == (tma == "1")
+        _run_case((1, 45, 38, 4, 2, 40, 40), dict(window=(-1, 0), alibi=True), dtype, DEVICE)
+        _run_case((2, 33, 50, 2, 2, 32, 16), dict(window=(7, 3), sinks=True, p=0.2), dtype, DEVICE)
+        _run_varlen([5, 0, 17, 3], [9, 3, 17, 0], 4, 2, 32, dict(window=(-1, 0)), dtype)
 
 
 @triton.jit
@@ -232,18 +235,6 @@ def test_program_order(num_blocks, num_bh, head_group):
     group = min(head_group, num_bh)
     assert pairs[:group] == [(0, h) for h in range(group)]
     assert pairs[group * num_blocks - 1] == (num_blocks - 1, group - 1)
-
-
-def test_head_group():
-    """Causal (uneven) programs: the largest power of two <= B * H heads whose re-read rows fit
-    in L2_SHARE, head-major below MIN_HEAD_GROUP heads and for even work."""
-    rows = BW.L2_SHARE // 512 // 8  # 8 heads fit
-    assert BW._head_group(False, 16, 16, 64) == 1
-    assert BW._head_group(True, 16, 16, 6) == 4
-    assert BW._head_group(True, 16, 16, 3) == 1
-    assert BW._head_group(True, rows, 512, 64) == 8
-    assert BW._head_group(True, rows + 1, 512, 64) == 4
-    assert BW._head_group(True, rows * 4, 512, 64) == 1
 
 
 def test_empty_rows_zero_grads():
@@ -316,13 +307,6 @@ def test_seed_per_call():
         _check(got, dout, q, k, v, kw, False)
 
 
-def test_row_blocks_fit_row_pad():
-    """The dK/dV kernel reads lse2/delta of whole row blocks unmasked: every BLOCK_M divides ROW_PAD."""
-    for table in (BW._DKDV, BW._DQ):
-        for configs in table.values():
-            assert all(BW.ROW_PAD % c.block_m == 0 for c in configs)
-
-
 def _poison_allocations(monkeypatch):
     """torch.empty / torch.empty_like return NaN-filled floating tensors from here on."""
     def poisoned(empty):
@@ -340,14 +324,16 @@ def test_writes_every_element(monkeypatch, forced):
     """Outputs and the padded lse2/delta buffers allocated NaN-poisoned: every dq/dk/dv element
     is written (windows skip tiles), and so is every padded row stat the dK/dV kernel reads
     (with dQ row blocks of 16, rows 80..127 come from the last row block's padding loop)."""
-    if forced is not None:
-        _force_configs(monkeypatch, BW.Cfg(*forced[0], 4, 1, ""), BW.Cfg(*forced[1], 4, 1, ""))
     B, Sq, Sk, Hq, Hkv, D = 1, 70, 50, 2, 1, 32
     q, k, v = make_qkv(B, Sq, Sk, Hq, Hkv, D, device=DEVICE)
     kw = _features(dict(window=(3, 0)), B, Sq, Sk, Hq, D, q.dtype, DEVICE)
     out, lse = reference.forward(q, k, v, ScoreSpec(**kw))
     _poison_allocations(monkeypatch)
-    got = backward(torch.randn_like(out), q, k, v, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False)
+    forcing = (contextlib.nullcontext() if forced is None else
+               _force_configs(Config(*forced[0], 4, 1), Config(*forced[1], 4, 1)))
+    with forcing:
+        got = backward(torch.randn_like(out), q, k, v, out, lse, ScoreSpec(**kw), deterministic=False,
+                       mask_grad=False)
     assert all(g.isfinite().all() for g in got[:3])
 
 
@@ -355,7 +341,6 @@ def test_varlen_row_stats_padding(monkeypatch):
     """Varlen padded row stats (sequence b's rows after cu_seqlens_q[b] + b * ROW_PAD): with
     NaN-poisoned buffers and dK/dV row blocks of 64 over dQ blocks of 16, every row dK/dV reads
     is written, for ragged, empty and multi-block sequences; gradients match the oracle."""
-    _force_configs(monkeypatch, BW.Cfg(64, 32, 4, 1, ""), BW.Cfg(16, 32, 4, 1, ""))
     lens_q, lens_k = [70, 0, 45, 130], [50, 9, 45, 140]
     cq, ck = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
     Hq, Hkv, D = 2, 1, 32
@@ -366,7 +351,8 @@ def test_varlen_row_stats_padding(monkeypatch):
     out, lse = reference.forward(q, k, v, ScoreSpec(**kw), **varlen)
     dout = torch.randn_like(out)
     _poison_allocations(monkeypatch)
-    got = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False, **varlen)
+    with _force_configs(Config(64, 32, 4, 1), Config(16, 32, 4, 1)):
+        got = backward(dout, q, k, v, out, lse, ScoreSpec(**kw), deterministic=False, mask_grad=False, **varlen)
     monkeypatch.undo()
     _check(got, dout, q, k, v, kw, False, varlen=(cq, ck))
 

@@ -12,12 +12,13 @@ import torch
 from helpers import assert_close, cu_seqlens, make_qkv, randn
 
 from tileattn import _philox, plan, reference
+from tileattn.backends.triton.plan import configs as tables
 from tileattn.backends.triton.forward import forward, run_forward
 from tileattn.score import ScoreSpec
 
 CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-TINY = [plan.FwdConfig(16, 16, 4, 1)]  # many tiles on short sequences: every block-range edge
+TINY = [plan.Config(16, 16, 4, 1)]  # many tiles on short sequences: every block-range edge
 SM90 = CUDA and torch.cuda.get_device_capability()[0] >= 9
 
 
@@ -332,14 +333,14 @@ def test_gpu_past_2_31_elements(device):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("key", [k for k in plan._CONFIGS if k[0] == "sm_90" and k[1] == "16"], ids=str)
+@pytest.mark.parametrize("key", [k for k in tables.FORWARD if k[0] == "sm_90" and k[1] == "16"], ids=str)
 def test_gpu_every_tuned_config(device, key):
     """Each sm_90 config the autotuner may pick is correct (not only the one it picked here),
-    with TMA and with pointer loads (the plan picks by head dim; TILEATTN_TMA overrides)."""
+    with TMA and with pointer loads (the plan picks by head dim; use_tma overrides)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("sm_90 config table")
     D = key[2]
     q, k, v = make_qkv(2, 333, 300, 4, 2, D, dtype=torch.bfloat16, device=device)
-    for c in plan._CONFIGS[key]:
+    for c in tables.FORWARD[key]:
         for window, use_tma in itertools.product(((-1, -1), (-1, 0), (40, 7)), (True, False)):
             _check(q, k, v, configs=[c], window=window, use_tma=use_tma)

@@ -122,18 +122,9 @@ def overrides(**fields):
 # names served by the planning package on first use (Triton imported then)
 _FORWARDED = ("Config", "Overrides", "Target", "ForwardPlan", "BackwardPlan", "DecodePlan", "TunedKernel",
               "autotuner", "bucket", "cdiv", "head_block", "next_pow2", "device_target", "cache_clear")
-# transitional names for tests written against the old module (tests/test_triton_forward.py,
-# tests/test_launch.py); to be dropped once they use the names above
-_OLD_NAMES = {"FwdConfig": ("", "Config"), "_smem_bytes": ("configs", "forward_smem"),
-              "_CONFIGS": ("configs", "FORWARD"), "_TUNED": ("tune", "_TUNED")}
-
-
 def __getattr__(name):
     if name in _FORWARDED:
         return getattr(_planner(), name)
-    if name in _OLD_NAMES:
-        module, attr = _OLD_NAMES[name]
-        return getattr(importlib.import_module(f"{_PACKAGE}.{module}") if module else _planner(), attr)
     raise AttributeError(f"module 'tileattn.plan' has no attribute {name!r}")
 
 

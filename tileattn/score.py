@@ -108,11 +108,12 @@ class ScoreSpec:
         return 1 if self.attn_mask.dtype == torch.bool else 2
 
     def constexprs(self) -> dict:
-        """Triton feature flags, the same names in every kernel."""
+        """Triton feature flags, the same names in every kernel. NEG_SCALE: scale < 0, so the
+        row max must be taken over finished scores (backends/triton/score.py, [Note] negative scale)."""
         left, right = self.window
         return dict(SOFTCAP=self.softcap > 0, ALIBI=self.alibi_slopes is not None, MASK_KIND=self.mask_kind,
                     HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, SINKS=self.sinks is not None,
-                    DROPOUT=self.dropout_p > 0)
+                    DROPOUT=self.dropout_p > 0, NEG_SCALE=self.scale < 0)
 
     def scalars(self) -> tuple:
         """(qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed):
@@ -126,8 +127,7 @@ class ScoreSpec:
     def key(self) -> tuple:
         """Hashable feature key for plan caches: which features are on (no tensors, no values
         that do not change the compiled kernel)."""
-        flags = self.constexprs()
-        return tuple(flags[name] for name in sorted(flags))
+        return tuple(self.constexprs().values())  # in FLAG_NAMES order
 
     def features(self) -> tuple:
         """Names of the features that are on, for ``describe``."""
@@ -136,3 +136,6 @@ class ScoreSpec:
             (f"causal/window {self.window}", self.window != (-1, -1)), ("softcap", self.softcap > 0),
             ("alibi", self.alibi_slopes is not None), ("sinks", self.sinks is not None),
             (f"{mask} mask", mask is not None), ("dropout", self.dropout_p > 0)) if on)
+
+
+FLAG_NAMES = tuple(ScoreSpec(scale=1.0).constexprs())  # the names behind ScoreSpec.key()'s values

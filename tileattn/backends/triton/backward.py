@@ -29,7 +29,6 @@ from tileattn.backends.triton.backward_kernels import _bwd_dkdv_kernel, _bwd_dq_
 from tileattn.backends.triton.forward import _ensure_tma_allocator, _strides
 from tileattn.backends.triton.launch import fast
 from tileattn.backends.triton.plan import ROW_PAD, cdiv
-from tileattn.score import ScoreSpec
 
 
 def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
@@ -68,11 +67,12 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
 
     head_d, head_dv = q.shape[-1], v.shape[-1]
     bplan = _plan.plan_backward(q, k, v, dout, spec, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                                varlen=varlen, overrides=_forced_configs(q))
+                                varlen=varlen)
     block_d, block_dv, use_tma = bplan.block_d, bplan.block_dv, bplan.use_tma
     dq_group, dkdv_group = bplan.head_groups(batch, hq, hkv, max_seqlen_q, max_seqlen_k)
     score_flags = spec.constexprs()
     sinks_flag = score_flags.pop("SINKS")  # only the dQ kernel takes it
+    del score_flags["NEG_SCALE"]  # the backward takes its row statistics from lse: any sign works
     flags = dict(HEAD_D=head_d, HEAD_DV=head_dv, BLOCK_D=block_d, BLOCK_DV=block_dv, IS_VARLEN=varlen,
                  **score_flags, USE_TMA=use_tma, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     features = tuple(sorted(flags.items())) + (("MASK_GRAD", mask_grad), ("SINKS", sinks_flag))
@@ -115,27 +115,3 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
         p_sink = torch.exp(sink - lse).masked_fill(sink == float("-inf"), 0.0)  # a -inf sink has no term
         dsinks = -(p_sink * sink_delta).sum(dim=1 if varlen else (0, 2))
     return dq, dk, dv, dsinks, dmask
-
-
-# ----------------------------------------------------------------------------- transitional
-# Names tests/test_triton_backward.py still reaches; it should force configs with the planner's
-# overrides (``tileattn.plan.overrides(dq=..., dkdv=..., use_tma=...)``) and then these go.
-Cfg = _plan.Config
-_DKDV, _DQ, L2_SHARE = _plan.configs.DKDV, _plan.configs.DQ, _plan.configs.L2_SHARE
-_head_group = _plan.head_group
-
-
-def _configs(table, *args):
-    """None: the planner decides (the tests monkeypatch this to force one config per kernel)."""
-    return None
-
-
-def _forced_configs(q):
-    dq, dkdv = _configs(_DQ, q), _configs(_DKDV, q)
-    return None if dq is None and dkdv is None else _plan.Overrides(dq=dq, dkdv=dkdv)
-
-
-def _use_tma(q, k, v, dout, max_seqlen):
-    """The planner's tile-load choice for these tensors and this longest length."""
-    spec = ScoreSpec(scale=1.0)
-    return _plan.plan_backward(q, k, v, dout, spec, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen).use_tma

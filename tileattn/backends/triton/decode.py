@@ -363,8 +363,8 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
         BLOCK_D=next_pow2(D), BLOCK_DV=next_pow2(Dv), HAS_NEW=has_new,
         PAGE_SIZE=k_cache.shape[1] if paged else 0, NUM_SPLITS=splits, SPLIT=splits > 1,
         KV_SAME_ROWS=k_cache.stride()[:2] == v_cache.stride()[:2],
-        **{name: flags[name] for name in ("HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "SINKS")},
-        NEG_SCALE=spec.scale < 0, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        **{name: flags[name] for name in ("HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "SINKS", "NEG_SCALE")},
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if splits > 1:

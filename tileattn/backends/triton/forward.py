@@ -208,7 +208,7 @@ def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, m
             hq, hq // k.shape[-2], seqlen_q, seqlen_k, max_seqlen_q, *spec.scalars(),
             _plan.bucket(max_seqlen_q), _plan.bucket(tune_sk),
             HEAD_D=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_D=fplan.block_d, BLOCK_DV=fplan.block_dv,
-            IS_VARLEN=varlen, **spec.constexprs(), NEG_SCALE=spec.scale < 0, USE_TMA=fplan.use_tma,
+            IS_VARLEN=varlen, **spec.constexprs(), USE_TMA=fplan.use_tma,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
             **fplan.launch_kwargs(),
         )

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tileattn.score import ScoreSpec
+from tileattn.score import FLAG_NAMES  # the names behind ScoreSpec.key()'s values
 
 from . import configs as C
 from .facts import Overrides, active, device_target, first_misaligned, head_block, knob_autotune, knob_tma, tma_rule
 
-# the names behind ScoreSpec.key()'s values (the key is the constexpr flags in sorted-name order)
-FLAG_NAMES = tuple(sorted(ScoreSpec(scale=1.0).constexprs()))
 
 
 def flag_text(spec_key, spec=None) -> str:
