@@ -9,6 +9,7 @@
 # no venv, no installs. Knobs (environment):
 #   TESTS         pytest paths/args, word-split (default "tests"; e.g. "tests/test_triton_forward.py -k causal");
 #                 "skip" skips the tests
+#   MAXFAIL       stop the tests after this many failures (default 1)
 #   MARK          pytest -m expression (default: none, every test runs, Triton ones on the GPU)
 #   SETS          benchmark sets, in order (default "prefill decode"; "" for none)
 #   PROVIDERS, MODES, FILTER   passed to benchmarks.run as --providers / --modes / --filter
@@ -48,8 +49,8 @@ if [ "$TESTS" != skip ]; then
   t=$(($(left) - 90 * nsets))
   [ "$t" -gt "$TEST_TIMEOUT" ] && t=$TEST_TIMEOUT
   [ "$t" -lt 30 ] && t=30
-  echo "== tests (timeout ${t}s): pytest ${mark_args[*]} ${test_args[*]} -x -q -n 16"
-  timeout -k 10 "$t" python3 -m pytest ${mark_args[@]+"${mark_args[@]}"} "${test_args[@]}" -x -q -n 16 -p no:cacheprovider \
+  echo "== tests (timeout ${t}s): pytest ${mark_args[*]} ${test_args[*]} --maxfail=${MAXFAIL:-1} -q -n 16"
+  timeout -k 10 "$t" python3 -m pytest ${mark_args[@]+"${mark_args[@]}"} "${test_args[@]}" --maxfail="${MAXFAIL:-1}" -q -n 16 -p no:cacheprovider \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/tests.log"
