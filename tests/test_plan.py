@@ -206,16 +206,16 @@ def test_decode_overrides(monkeypatch):
         plan.Overrides(decode_block_n=48)
 
 
-def test_overrides_through_the_public_api():
-    """A forced config and TMA loads reach a public-API call and its backward (interpreter)."""
-    q, k, v = (torch.randn(1, 37, 2, 32, requires_grad=True) for _ in range(3))
+def test_overrides_through_the_public_api(device):
+    """A forced config and TMA loads reach a public-API call and its backward."""
+    q, k, v = (torch.randn(1, 37, 2, 32, device=device, requires_grad=True) for _ in range(3))
     with tileattn.plan.overrides(forward=[plan.Config(16, 16, 4, 1)], dq=[plan.Config(16, 32, 4, 1)],
                                  dkdv=[plan.Config(32, 16, 4, 1)], use_tma=True):
         out = tileattn.attention(q, k, v, causal=True, backend="triton")
         assert tileattn.plan.forward_plan(q, k, v, causal=True).configs == (plan.Config(16, 16, 4, 1),)
         out.sum().backward()
-    ref, _ = reference.attention(q.detach(), k.detach(), v.detach(), causal=True)
-    torch.testing.assert_close(out.detach().double(), ref, atol=1e-4, rtol=1e-4)
+    ref, _ = reference.attention(*(t.detach().cpu() for t in (q, k, v)), causal=True)
+    torch.testing.assert_close(out.detach().cpu().double(), ref, atol=1e-4, rtol=1e-4)
     assert all(t.grad.isfinite().all() for t in (q, k, v))
 
 
@@ -300,14 +300,14 @@ def test_planning_from_threads():
 # ----------------------------------------------------------------------------- decode plan / run
 
 
-def test_decode_plan_reused_across_layers():
+def test_decode_plan_reused_across_layers(device):
     """One plan for several layers' caches: each call reuses the plan's split workspace (same
     buffers), matches a fresh plan's result, and another thread gets its own workspace."""
     torch.manual_seed(0)
     B, Sn, Hq, Hkv, D, L = 2, 1, 4, 2, 32, 300
-    q = torch.randn(B, Sn, Hq, D)
-    layers = [(torch.randn(B, L, Hkv, D), torch.randn(B, L, Hkv, D)) for _ in range(3)]
-    lens = torch.tensor([17, 250], dtype=torch.int32)
+    q = torch.randn(B, Sn, Hq, D, device=device)
+    layers = [(torch.randn(B, L, Hkv, D, device=device), torch.randn(B, L, Hkv, D, device=device)) for _ in range(3)]
+    lens = torch.tensor([17, 250], dtype=torch.int32, device=device)
     spec = ScoreSpec(scale=D ** -0.5, window=(-1, 0))
     step = plan.plan_decode(q, *layers[0], None, num_splits=3)
     assert step.num_splits == 3 and step.workspace() is step.workspace()
