@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from tileattn import paged
+
 from .registry import Case
 
 
@@ -39,12 +41,9 @@ def make(case: Case, seed: int) -> SimpleNamespace:
         inp.v_cache = _randn((B * blocks, case.page, Hkv, Dv), case, g)
     else:
         inp.k_cache, inp.v_cache = _randn((B, Sk, Hkv, D), case, g), _randn((B, Sk, Hkv, Dv), case, g)
-    pos = torch.arange(Sk - Sq, Sk, device=case.device)  # the new tokens' cache positions
-    if case.page:
-        blk, off = inp.block_table[:, pos // case.page].long(), pos % case.page  # (B, Sq), (Sq,)
-        inp.k_new, inp.v_new = inp.k_cache[blk, off].clone(), inp.v_cache[blk, off].clone()
-    else:
-        inp.k_new, inp.v_new = inp.k_cache[:, pos].clone(), inp.v_cache[:, pos].clone()
+    pos = torch.arange(Sk - Sq, Sk, device=case.device).expand(B, Sq)  # the new tokens' cache positions
+    at = paged.index(inp.k_cache, inp.block_table, pos)
+    inp.k_new, inp.v_new = inp.k_cache[at].clone(), inp.v_cache[at].clone()
     return inp
 
 

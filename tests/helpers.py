@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from tileattn import paged
+
 
 def _fail(name, msg):
     raise AssertionError(f"{name}: {msg}")
@@ -138,9 +140,8 @@ def to_paged(cache, block_size, spare=3, table=None):
     n = B * per + spare
     if table is None:
         table = torch.randperm(n, device=cache.device)[:B * per].view(B, per)
-    table = table.long()
-    paged = torch.randn(n, block_size, H, D, dtype=cache.dtype, device=cache.device)
-    padded = torch.zeros(B, per * block_size, H, D, dtype=cache.dtype, device=cache.device)
-    padded[:, :Smax] = cache
-    paged[table.flatten()] = padded.view(B * per, block_size, H, D)
-    return paged, table.to(torch.int32)
+    table = table.to(torch.int32)
+    pages = torch.randn(n, block_size, H, D, dtype=cache.dtype, device=cache.device)
+    pos = torch.arange(Smax, device=cache.device).expand(B, Smax)
+    paged.scatter_(pages, table, pos, cache)
+    return pages, table
