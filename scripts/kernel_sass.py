@@ -48,7 +48,7 @@ def build(fn, feat, varlen):
             if name == "Slopes" and not feat.get("ALIBI"): sig[name]="constexpr"; cx[name]=None; continue
             if name == "DMask" : sig[name]="constexpr"; cx[name]=None; continue
             if name == "SinkDelta" and not feat.get("SINKS"): sig[name]="*fp32"; attrs[(i,)] = [["tt.divisibility", 16]]; continue
-            sig[name] = PTR.get(name, "*bf16"); attrs[(i,)] = [["tt.divisibility", 16]]
+            sig[name] = "*i1" if name == "Mask" and feat.get("MASK_KIND") == 1 else PTR.get(name, "*bf16"); attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "softcap_scale", "softcap_log2", "dropout_p", "scale", "x_scale"):
             sig[name] = "fp32"
         elif name.startswith("stride_m") and feat.get("MASK_KIND", 0) == 0:
@@ -84,6 +84,7 @@ VARIANTS = {
   "plain": {}, "causal": dict(HAS_RIGHT=True), "window": dict(HAS_LEFT=True, HAS_RIGHT=True),
   "causal_sinks_softcap": dict(HAS_RIGHT=True, SINKS=True, SOFTCAP=True),
   "neg_scale": dict(HAS_RIGHT=True, NEG_SCALE=True),
+  "bool_mask": dict(MASK_KIND=1), "causal_bool_mask": dict(HAS_RIGHT=True, MASK_KIND=1),
   "all": dict(HAS_LEFT=True, HAS_RIGHT=True, SINKS=True, SOFTCAP=True, ALIBI=True, MASK_KIND=2, DROPOUT=True),
 }
 jobs = []
