@@ -1,6 +1,6 @@
 # Two commands work on a fresh CPU-only machine: `make demo` and `make test`.
 # The venv pins the CPU build of torch (2.13.0 is on local disk) and triton 3.6 with
-# numpy < 2.3 (TOOLCHAIN.md: triton 3.6's interpreter breaks on numpy >= 2.3).
+# numpy < 2.3 (docs/design/TOOLCHAIN.md: triton 3.6's interpreter breaks on numpy >= 2.3).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
