@@ -59,9 +59,10 @@ class ScoreSpec:
 
     @classmethod
     def build(cls, head_dim: int, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-              sinks=None, attn_mask=None, dropout_p=0.0, seed=0) -> "ScoreSpec":
+              sinks=None, attn_mask=None, dropout_p=0.0) -> "ScoreSpec":
         """From validated public keywords: default scale 1/sqrt(head_dim), causal folded into the
-        window's right edge, softcap inf -> off, slopes and sinks as float32."""
+        window's right edge, softcap inf -> off, slopes and sinks as float32. The dropout seed is
+        drawn per call and travels beside the spec through the ops (:meth:`from_op_fields`)."""
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         left, right = (int(w) for w in window)
         softcap = float(softcap)
@@ -69,7 +70,7 @@ class ScoreSpec:
                    softcap=0.0 if math.isinf(softcap) else softcap,
                    alibi_slopes=None if alibi_slopes is None else alibi_slopes.float(),
                    sinks=None if sinks is None else sinks.float(),
-                   attn_mask=attn_mask, dropout_p=float(dropout_p), seed=int(seed))
+                   attn_mask=attn_mask, dropout_p=float(dropout_p))
 
     # ------------------------------------------------------------------ through the dispatcher
 
