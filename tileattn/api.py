@@ -196,6 +196,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         q: (B, Sn, Hq, D), Sn >= 1 new query tokens per sequence (1 = decode).
         k_cache, v_cache: contiguous (B, Smax, Hkv, D[v]), or paged (num_blocks, block_size,
             Hkv, D[v]) with ``block_table`` int32 (B, max_blocks) of page ids (any block_size).
+            Any strides but the last dim's, which must be 1 (the append writes into the caller's
+            tensor, so it is never copied); an expanded (stride-0) cache that would be written
+            is refused as aliasing.
         k, v: optional (B, Sn, Hkv, D[v]) new tokens, written in place at cache positions
             cache_seqlens[b] .. cache_seqlens[b] + Sn - 1 before attending.
         cache_seqlens: int32 (B,) tokens already in the cache (or a Python int). The caller
