@@ -16,12 +16,10 @@ step). Choices:
 import functools
 from dataclasses import dataclass
 
-import torch
-
 from . import configs as C
 from .facts import (Overrides, active, bucket, device_target, first_misaligned, head_block, knob_autotune, knob_tma,
                     tma_rule)
-from .forward import FLAG_NAMES, flag_text, table_configs
+from .forward import FLAG_NAMES, KernelPlan, flag_text, table_configs
 
 _HAS_RIGHT = FLAG_NAMES.index("HAS_RIGHT")
 
@@ -50,20 +48,9 @@ class PassConfigs:
 
 
 @dataclass(frozen=True)
-class BackwardPlan:
+class BackwardPlan(KernelPlan):
     """What the backward launcher needs besides the tensors and lengths."""
 
-    target: str
-    device: str
-    dtype: torch.dtype
-    head_dim: int
-    head_dim_v: int
-    block_d: int
-    block_dv: int
-    spec_key: tuple
-    varlen: bool
-    use_tma: bool
-    loads_why: str
     dq: PassConfigs
     dkdv: PassConfigs
 
@@ -78,8 +65,7 @@ class BackwardPlan:
     def describe(self, spec=None, shape=None) -> str:
         """``shape`` = (batch, hq, hkv, max_seqlen_q, max_seqlen_k) adds the head grouping."""
         groups = self.head_groups(*shape) if shape is not None else None
-        lines = [f"tileattn backward plan: {self.device}, {self.dtype}, D={self.head_dim} (block {self.block_d}), "
-                 f"Dv={self.head_dim_v} (block {self.block_dv}), {'varlen' if self.varlen else 'dense'}",
+        lines = [f"{self.header('backward')}, {'varlen' if self.varlen else 'dense'}",
                  f"  features: {flag_text(self.spec_key, spec)}",
                  f"  loads (inner-loop tiles of both kernels): {self.loads_why}"]
         for i, (name, what, p) in enumerate((

@@ -47,8 +47,9 @@ def table_configs(table, target: str, dtype, block_d: int, block_dv: int) -> tup
 
 
 @dataclass(frozen=True)
-class ForwardPlan:
-    """What the forward launcher needs besides the tensors."""
+class KernelPlan:
+    """The facts every pass's plan holds: device, dtype, head dims and their blocks, the spec's
+    feature key, dense or varlen, and the tile-load choice with its reason."""
 
     target: str
     device: str
@@ -61,6 +62,17 @@ class ForwardPlan:
     varlen: bool
     use_tma: bool
     loads_why: str
+
+    def header(self, name: str) -> str:
+        """First line of ``describe``: the pass, device, dtype and head dims."""
+        return (f"tileattn {name} plan: {self.device}, {self.dtype}, D={self.head_dim} (block {self.block_d}), "
+                f"Dv={self.head_dim_v} (block {self.block_dv})")
+
+
+@dataclass(frozen=True)
+class ForwardPlan(KernelPlan):
+    """What the forward launcher needs besides the tensors."""
+
     configs: tuple
     configs_why: str
     autotune: bool
@@ -74,8 +86,7 @@ class ForwardPlan:
         return (self.spec_key, self.varlen, self.block_d, self.block_dv, self.use_tma)
 
     def describe(self, spec=None) -> str:
-        lines = [f"tileattn forward plan: {self.device}, {self.dtype}, D={self.head_dim} (block {self.block_d}), "
-                 f"Dv={self.head_dim_v} (block {self.block_dv})",
+        lines = [self.header("forward"),
                  f"  kernel: _fwd_kernel ({'varlen' if self.varlen else 'dense'}): one program per BLOCK_M query "
                  "rows of one (batch, query head), walking BLOCK_N key tiles",
                  f"  features: {flag_text(self.spec_key, spec)}",
