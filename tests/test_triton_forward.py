@@ -203,6 +203,29 @@ def _nan_close(name, got, hi, lo, dtype):
     assert_close(name, got[keep], hi[keep], lo[keep], dtype=dtype)
 
 
+def _hidden_column(hider, device):
+    """Keywords that hide key 20 of a 32 x 32 problem from some rows: causal, a (4, 2) window,
+    or a bool mask (1, 1, 32, 32) keeping it for every third row."""
+    kw = dict(window=(-1, 0) if hider == "causal" else (4, 2) if hider == "window" else (-1, -1))
+    if hider == "bool_mask":
+        mask = torch.rand(1, 1, 32, 32, device=device) > 0.3
+        mask[..., 20] = torch.arange(32, device=device) % 3 == 0
+        kw["attn_mask"] = mask
+    return kw
+
+
+def _tiny_tiles_and_oracle(q, k, v, kw):
+    """(out, lse) of the Triton forward on 16 x 16 tiles at scale 0.25, and the oracle's
+    (out, lse) in float64 (hi) and in q's dtype (lo) for the same keywords."""
+    if "attn_mask" in kw:
+        kw = dict(kw, attn_mask=kw["attn_mask"].expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    spec = ScoreSpec(**_kw(0.25, **kw))
+    out, lse = run_forward(q, k, v, spec, plan.forward_plan(q, k, v, window=spec.window, attn_mask=spec.attn_mask,
+                                                            configs=TINY))
+    ref = dict(scale=0.25, window=spec.window, attn_mask=spec.attn_mask)
+    return out, lse, reference.attention(q, k, v, upcast=True, **ref), reference.attention(q, k, v, upcast=False, **ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hider", ["causal", "window", "bool_mask"])
 def test_nan_key_reaches_only_rows_that_keep_it(device, hider, dtype):
@@ -211,16 +234,7 @@ def test_nan_key_reaches_only_rows_that_keep_it(device, hider, dtype):
     [Note] hidden keys; every other row matches the oracle."""
     q, k, v = make_qkv(1, 32, 32, 2, 1, 16, dtype=dtype, device=device)
     k[0, 20, 0, 3] = float("nan")
-    kw = dict(window=(-1, 0) if hider == "causal" else (4, 2) if hider == "window" else (-1, -1))
-    if hider == "bool_mask":
-        mask = torch.rand(1, 1, 32, 32, device=device) > 0.3
-        mask[..., 20] = torch.arange(32, device=device) % 3 == 0
-        kw["attn_mask"] = mask.expand(1, 2, 32, 32)
-    spec = ScoreSpec(**_kw(0.25, **kw))
-    out, lse = run_forward(q, k, v, spec, plan.forward_plan(q, k, v, window=spec.window, attn_mask=spec.attn_mask,
-                                                            configs=TINY))
-    ref = dict(scale=0.25, window=spec.window, attn_mask=spec.attn_mask)
-    hi, lo = reference.attention(q, k, v, upcast=True, **ref), reference.attention(q, k, v, upcast=False, **ref)
+    out, lse, hi, lo = _tiny_tiles_and_oracle(q, k, v, _hidden_column(hider, device))
     rows = out[0].isnan().any(-1).any(-1)
     assert rows.any() and not rows.all()
     _nan_close("out", out, hi[0], lo[0], dtype)
@@ -242,18 +256,11 @@ def test_nonfinite_value_reaches_only_rows_that_keep_it(device, hider, junk, dty
     q, k, v = make_qkv(1, 32, 32, 2, 1, 16, dtype=dtype, device=device)
     v[0, 20, 0, 3] = float(junk)
     v[0, 20, 0, 5] = float("nan")
-    kw = dict(window=(-1, 0) if hider == "causal" else (4, 2) if hider == "window" else (-1, -1))
+    kw = _hidden_column(hider, device)
     if hider == "bool_mask":
-        mask = torch.rand(1, 1, 32, 32, device=device) > 0.3
-        mask[..., 20] = torch.arange(32, device=device) % 3 == 0
-        mask[..., 7] = False
+        kw["attn_mask"][..., 7] = False
         v[0, 7, 0, :] = float(junk)
-        kw["attn_mask"] = mask.expand(1, 2, 32, 32)
-    spec = ScoreSpec(**_kw(0.25, **kw))
-    out, lse = run_forward(q, k, v, spec, plan.forward_plan(q, k, v, window=spec.window, attn_mask=spec.attn_mask,
-                                                            configs=TINY))
-    ref = dict(scale=0.25, window=spec.window, attn_mask=spec.attn_mask)
-    hi, lo = reference.attention(q, k, v, upcast=True, **ref), reference.attention(q, k, v, upcast=False, **ref)
+    out, lse, hi, lo = _tiny_tiles_and_oracle(q, k, v, kw)
     rows = out[0].isnan().any(-1).any(-1)
     assert rows.any() and not rows.all()
     assert torch.equal(out.isinf(), hi[0].isinf()) and torch.equal(out[out.isinf()], hi[0][hi[0].isinf()].to(dtype))
