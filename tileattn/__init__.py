@@ -10,7 +10,8 @@ machines need no Triton; ``tileattn.plan`` imports it when asked for a plan.
 
 from . import kvcache, plan, reference
 from .api import SDPAInputError, attention, attention_varlen, attention_with_kvcache, sdpa
+from .patch import patch_sdpa, unpatch_sdpa
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa", "SDPAInputError", "kvcache", "plan",
-           "reference", "__version__"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa", "SDPAInputError", "patch_sdpa",
+           "unpatch_sdpa", "kvcache", "plan", "reference", "__version__"]
