@@ -25,12 +25,19 @@ Forcing a choice (tests, benchmarks, probes) is an argument, not a patched table
 or ``overrides=Overrides(...)`` on :func:`forward_plan` / :func:`backward_plan` /
 :func:`kvcache_plan`. A :func:`kvcache_plan` result is reusable across the layers of a decode
 step and owns its split workspace (``tileattn.backends.triton.forward_kvcache(..., plan=)``).
+Asking before running (no GPU needed; ``tileattn plan`` prints the same)::
+
+    r = tileattn.plan.estimate(2, 4096, 4096, 16, 16, 128, dtype=torch.bfloat16, causal=True,
+                               backward=True, preset="h200")   # -> PlanReport
+    r.blocks, r.sram_bytes, r.hbm_bytes, r.memory_saved_bytes, r.flops, r.predicted_s
+
 Environment knobs (``TILEATTN_TMA``, ``TILEATTN_AUTOTUNE``, ``TILEATTN_DECODE_BLOCK_N``) still
 work for whole-process runs; overrides win over them.
 """
 
 import importlib
 
+from .roofline import PRESETS, PlanReport, estimate
 from .score import ScoreSpec
 
 _PACKAGE = "tileattn.backends.triton.plan"
@@ -128,5 +135,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'tileattn.plan' has no attribute {name!r}")
 
 
-__all__ = ["backward_plan", "describe", "describe_kvcache", "forward_plan", "kvcache_plan", "overrides",
+__all__ = ["PRESETS", "PlanReport", "backward_plan", "describe", "describe_kvcache", "estimate", "forward_plan",
+           "kvcache_plan", "overrides",
            *_FORWARDED]

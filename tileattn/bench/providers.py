@@ -1,5 +1,5 @@
 """Providers: who computes the attention. ``build(name, case, inp) -> (fn, note)`` where
-``fn()`` runs one forward (dense) or one decode step on the inputs of ``benchmarks.inputs``
+``fn()`` runs one forward (dense) or one decode step on the inputs of ``tileattn.bench.inputs``
 and returns out as (B, Sq, Hq, Dv) (a view; peers' (B, H, S, D) outputs are transposed back).
 ``note`` says what a provider needed beyond the shared inputs. A provider that cannot serve a
 case raises ``Skip`` (the runner records the reason and goes on).

@@ -10,7 +10,7 @@ each of its modes. Kinds of case:
 - ``decode``: one ``attention_with_kvcache`` step: Sq = 1 new token appended at position
   Sk - 1 of a cache holding Sk - 1 tokens, then Sk keys attended. ``page`` 0 = contiguous
   cache (B, Sk, Hkv, D), else a paged cache of that block size. Mode ``decode``; timed.
-- ``memory``: peak host memory of one dense call on CPU (``benchmarks.memory``), modes
+- ``memory``: peak host memory of one dense call on CPU (``tileattn.bench.memory``), modes
   ``fwd`` and ``fwd+bwd``.
 
 FLOPs (dense): forward ``2 * B * Hq * pairs * (D + Dv)`` where ``pairs`` counts the kept
@@ -131,6 +131,21 @@ def _ci():
             Group(mem, ("tileattn", "torch-cpu"), ("fwd",))]
 
 
+def custom(lengths, *, decode=False, B=1, Hq=8, Hkv=None, D=64, causal=False, dtype="float32", device="cpu",
+           page=0):
+    """A one-group set from flags (``tileattn bench --seqlens ...``): dense cases of sequence
+    length N = Sq = Sk for each of ``lengths``, or decode steps over KV lengths ``lengths``
+    (``page`` 0: contiguous cache). Providers: tileattn and the peers of the device."""
+    Hkv = Hkv or Hq
+    if decode:
+        cases = tuple(_decode(B, L, page, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, device=device) for L in lengths)
+        return [Group(cases, ("tileattn", "torch-cpu") if device == "cpu" else ("tileattn", "sdpa-flash", "sdpa-cudnn"),
+                      ("decode",))]
+    cases = tuple(_dense(B, N, Hq, D, causal, dtype, device, Hkv=Hkv) for N in lengths)
+    peers = ("torch-cpu",) if device == "cpu" else ("sdpa-flash", "sdpa-cudnn")
+    return [Group(cases, ("tileattn", *peers), ("fwd", "bwd"))]
+
+
 SETS = {"cpu": _cpu, "prefill": _prefill, "decode": _decode_set, "ci": _ci}
 QUICK = ("ci",)  # smoke sets: time each measurement briefly (numbers are not meant to be read)
 
@@ -138,7 +153,7 @@ QUICK = ("ci",)  # smoke sets: time each measurement briefly (numbers are not me
 def get(name: str, device: str | None = None) -> list:
     """The groups of set ``name``; ``device`` overrides every case's device."""
     if name not in SETS:
-        raise SystemExit(f"unknown set {name!r}; known: {', '.join(SETS)}")
+        raise SystemExit(f"tileattn: unknown set {name!r}; known: {', '.join(SETS)}")
     groups = SETS[name]()
     if device:
         groups = [Group(tuple(replace(c, device=device) for c in g.cases), g.providers, g.modes) for g in groups]

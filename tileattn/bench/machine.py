@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, if any
 
 
 def _run(cmd) -> str:

@@ -25,14 +25,14 @@ import subprocess
 import sys
 from dataclasses import replace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the dir holding tileattn/
 
 
 def measure(case, provider: str, mode: str, timeout_s: float = 900) -> dict:
     """Run the measurement in a child process; returns the row fields or raises RuntimeError."""
     spec = json.dumps({"case": case.fields(), "provider": provider, "mode": mode})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    r = subprocess.run([sys.executable, "-m", "benchmarks.memory", spec], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tileattn.bench.memory", spec], capture_output=True, text=True,
                        timeout=timeout_s, env=env, cwd=ROOT)
     lines = r.stdout.strip().splitlines()
     if r.returncode != 0 or not lines:

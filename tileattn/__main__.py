@@ -1,0 +1,7 @@
+"""``python -m tileattn`` = the ``tileattn`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
