@@ -338,3 +338,17 @@ def test_gloo_bad_input_on_one_rank_raises_everywhere(gloo, c):
             assert kind == "ValueError" and ("k" in msg or "sinks" in msg), msg
         else:
             assert kind == "ValueError" and f"bad input on rank(s) [{bad_rank}]" in msg, msg
+
+
+# ----------------------------------------------------------------------------- the paper model (no timing)
+
+
+def test_model_crossover_and_table():
+    """Without startup latency, compute equals transfer at n* = Hkv b F / (2 Hq BW c)."""
+    from tileattn.distributed.model import step_times, table
+    n_star = 2 * 550e12 / (2 * 450e9 * 0.5)  # fp16, Hq == Hkv, causal
+    for world, hidden in ((4, False), (2, True)):  # n = 2048 < n* ~ 2444 < 4096
+        t = step_times(seqlen=8192, world=world, hq=8, hkv=8, head_dim=64, latency_us=0.0)
+        assert t.fwd_hidden is hidden and (t.local_len > n_star) is hidden
+        assert abs(t.fwd_compute / t.fwd_transfer - t.local_len / n_star) < 1e-9
+    assert table().count("\n") == 2 + 12
