@@ -2,8 +2,8 @@
 
     >>> r = tileattn.plan.estimate(2, 4096, 4096, 16, 16, 128, dtype=torch.bfloat16, causal=True,
     ...                            backward=True, preset="h200")
-    >>> r.blocks, r.sram_bytes, r.flops, r.predicted_s
-    ('BLOCK_M=128 BLOCK_N=64 warps=8 stages=3', 131072, 68736352256, 8.7e-05)
+    >>> r.blocks, r.sram_bytes, r.flops, r.bound, round(r.predicted_s * 1e6)   # forward; r.bwd_* too
+    ('BLOCK_M=128 BLOCK_N=64 warps=8 stages=3', 131072, 137472507904, 'compute', 174)
 
 ``tileattn plan`` prints the same :class:`PlanReport`. The models, written out so a reader can
 check a number by hand (es = element bytes of the dtype; Q = B*Sq*Hq*D, K = B*Sk*Hkv*D,

@@ -30,13 +30,14 @@ def _label(r) -> str:
 def ratios(old: dict, new: dict):
     """([Ratio] for the rows ok in both docs, in ``new``'s order; number of rows not compared)."""
     before = {tuple(r.get(k) for k in KEY): r for r in old["rows"] if r["status"] == "ok"}
-    out, left = [], 0
-    for r in new["rows"]:
-        o = before.get(tuple(r.get(k) for k in KEY))
+    keys = [tuple(r.get(k) for k in KEY) for r in new["rows"]]
+    out, left = [], sum(key not in keys for key in before)  # old rows the new file lacks
+    for r, key in zip(new["rows"], keys):
+        o = before.get(key)
         field, higher = METRIC[r["kind"]]
         if r["status"] != "ok" or o is None or not o.get(field) or not r.get(field):
             left += 1
             continue
         a, b = o[field], r[field]
         out.append(Ratio(_label(r), field, a, b, b / a if higher else a / b))
-    return out, left + max(0, len(before) - len(out))
+    return out, left
