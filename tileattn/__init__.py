@@ -13,5 +13,13 @@ from .api import SDPAInputError, attention, attention_varlen, attention_with_kvc
 from .patch import patch_sdpa, unpatch_sdpa
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """``tileattn.distributed`` (context-parallel attention) is imported on first access."""
+    if name == "distributed":
+        import importlib
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module 'tileattn' has no attribute {name!r}")
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa", "SDPAInputError", "patch_sdpa",
            "unpatch_sdpa", "kvcache", "plan", "reference", "__version__"]
