@@ -186,7 +186,7 @@ LOCAL = [
     case("local-zz-causal-gqa-w3", 3, 18, 6, 2, Dv=8, causal=True, sinks=True),
     case("local-contig-window-w3", 3, 15, 4, 4, layout="contiguous", window=(4, 1)),
     case("local-zz-window-softcap-ag", 3, 18, 4, 2, window=(2, 3), softcap=3.0, scale=-0.4, schedule="allgather"),
-    case("local-zz-causal-bf16-w2", 2, 12, 4, 2, dtype=torch.bfloat16, causal=True, sinks=True),
+    case("local-zz-causal-sinks-w2", 2, 12, 4, 2, dtype=torch.bfloat16, causal=True, sinks=True),
 ]
 
 
