@@ -194,6 +194,10 @@ def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, m
     out, lse, lse_strides = _outputs(q, v, varlen, batch, seqlen_q, hq)
     if out.numel() == 0 or max_seqlen_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    if fplan.kernel == "gluon":  # dense, plain or causal, sm_90 (plan.forward.gluon_rule)
+        from tileattn.backends.triton import gluon
+        with torch.cuda.device(q.device):
+            return gluon.forward(q, k, v, out, lse, spec.scale, spec.window[1] == 0)
     sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
     grid = lambda meta: (_plan.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
     kernel = fast(_plan.kernel_for(_fwd_kernel, "forward", fplan.configs, fplan.autotune, fplan.tune_key())[0])

@@ -6,7 +6,9 @@ Environment knobs (for measuring, not for users), read here and nowhere else, on
 - ``TILEATTN_AUTOTUNE=0``: each pass launches its list's first (default) config, no timing;
 - ``TILEATTN_TMA=0`` pointer tile loads everywhere; ``=1`` TMA wherever it can run (sm_90, or
   the interpreter) whatever the pass's threshold;
-- ``TILEATTN_DECODE_BLOCK_N=<power of two >= 16>``: the decode key tile.
+- ``TILEATTN_DECODE_BLOCK_N=<power of two >= 16>``: the decode key tile;
+- ``TILEATTN_GLUON=0``: the forward never takes the Gluon sm_90 kernel (``plan/forward.py``,
+  :func:`~.forward.gluon_rule`), always the portable ``tl`` one.
 
 :class:`Overrides` are the supported way to force a choice (tests, benchmarks, probes): passed
 to a planner (``overrides=``) or made active for a block with :func:`overrides`; they win over
@@ -96,6 +98,11 @@ def knob_autotune() -> bool:
 def knob_decode_block_n() -> int:
     """``TILEATTN_DECODE_BLOCK_N`` as an int, 0 when unset."""
     return int(os.environ.get("TILEATTN_DECODE_BLOCK_N", 0))
+
+
+def knob_gluon() -> bool:
+    """False when ``TILEATTN_GLUON=0`` (no Gluon forward)."""
+    return os.environ.get("TILEATTN_GLUON") != "0"
 
 
 # ----------------------------------------------------------------------------- overrides

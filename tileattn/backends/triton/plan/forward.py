@@ -10,6 +10,8 @@ Choices, in order:
 4. Configs: ``configs.FORWARD`` by (target, dtype width, head-dim block), ``FORWARD_MASK`` with
    an attn_mask on sm_90; on CUDA a list of several is timed once per (features, Sq/Sk
    power-of-two bucket) after the prune of ``tune.autotuner``.
+5. Kernel: the Gluon FA3-design kernel (``backends/triton/gluon``) where :func:`gluon_rule`
+   allows it, else the portable ``tl`` kernel ``_fwd_kernel`` with the configs above.
 
 Not used: ``tl.range(..., warp_specialize=True)``: with triton 3.6 on sm_90 it only tags the
 loop (the compiled TTGIR has no warp-specialized partitions); producer/consumer warpgroups on
@@ -24,7 +26,8 @@ import torch
 from tileattn.score import FLAG_NAMES  # the names behind ScoreSpec.key()'s values
 
 from . import configs as C
-from .facts import Overrides, active, device_target, first_misaligned, head_block, knob_autotune, knob_tma, tma_rule
+from .facts import (Overrides, active, device_target, first_misaligned, head_block, knob_autotune, knob_gluon, knob_tma,
+                    tma_rule)
 
 
 
@@ -76,6 +79,8 @@ class ForwardPlan(KernelPlan):
     configs: tuple
     configs_why: str
     autotune: bool
+    kernel: str = "tl"  # "gluon": the sm_90 Gluon kernel runs instead of _fwd_kernel and its configs
+    kernel_why: str = ""
 
     def launch_kwargs(self) -> dict:
         """Meta-parameters for a direct launch; empty when the autotuner supplies them."""
@@ -86,14 +91,50 @@ class ForwardPlan(KernelPlan):
         return (self.spec_key, self.varlen, self.block_d, self.block_dv, self.use_tma)
 
     def describe(self, spec=None) -> str:
-        lines = [self.header("forward"),
-                 f"  kernel: _fwd_kernel ({'varlen' if self.varlen else 'dense'}): one program per BLOCK_M query "
-                 "rows of one (batch, query head), walking BLOCK_N key tiles",
+        if self.kernel == "gluon":
+            kernel = ("gluon fwd_kernel (FA3 design: TMA loader warp, two 64-row wgmma consumer warpgroups, "
+                      "BLOCK_M=128, BLOCK_N=128); the tl configs below are unused")
+        else:
+            kernel = (f"_fwd_kernel ({'varlen' if self.varlen else 'dense'}): one program per BLOCK_M query rows "
+                      f"of one (batch, query head), walking BLOCK_N key tiles ({self.kernel_why})")
+        lines = [self.header("forward"), f"  kernel: {kernel}",
                  f"  features: {flag_text(self.spec_key, spec)}",
                  f"  loads: {self.loads_why}",
                  f"  configs ({self.configs_why}):"]
         lines += [f"    {c}  -- {c.why or 'given by the caller'}" for c in self.configs]
         return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_exact(device) -> bool:
+    """sm_90 itself: wgmma and setmaxnreg do not exist on later majors (Target "sm_90" means 9.0+)."""
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def gluon_rule(q, k, v, spec, varlen, ov, target):
+    """(run the Gluon sm_90 forward?, why not): a Hopper GPU, Gluon importable, the knob
+    (``TILEATTN_GLUON``) on, no forced configs or loads, dense 16-bit q/k/v with D == Dv in
+    {64, 128}, non-empty, TMA-aligned, and a plain or causal score with a positive scale (every
+    other feature stays on the ``tl`` kernel)."""
+    if not knob_gluon():
+        return False, "TILEATTN_GLUON=0"
+    if target.name != "sm_90" or not q.is_cuda or not _hopper_exact(q.device):
+        return False, "the Gluon kernel needs sm_90 exactly"
+    if ov.forward is not None or ov.use_tma is not None:
+        return False, "configs or loads forced by the caller"
+    D = q.shape[-1]
+    if varlen or q.dtype not in (torch.float16, torch.bfloat16) or D not in (64, 128) or v.shape[-1] != D:
+        return False, "the Gluon kernel covers dense fp16/bf16 with D == Dv in {64, 128}"
+    if (spec.window not in ((-1, -1), (-1, 0)) or spec.scale <= 0 or spec.softcap or spec.dropout_p
+            or any(t is not None for t in (spec.alibi_slopes, spec.sinks, spec.attn_mask))):
+        return False, "features beyond causal (or scale <= 0) run on the tl kernel"
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return False, "empty sequence"
+    misaligned = first_misaligned({"q": q, "k": k, "v": v}, {"out": D})
+    if misaligned:
+        return False, misaligned
+    from tileattn.backends.triton import gluon  # imports no Gluon itself
+    return (True, "") if gluon.available() else (False, "triton.experimental.gluon (3.6 Hopper API) not importable")
 
 
 def plan_forward(q, k, v, spec, *, varlen=False, overrides: Overrides = None, target=None) -> ForwardPlan:
@@ -115,12 +156,12 @@ def plan_forward(q, k, v, spec, *, varlen=False, overrides: Overrides = None, ta
         if tma_rule(target.name, q.dtype, tma_env, gate)[0]:
             misaligned = first_misaligned({"q": q, "k": k, "v": v}, {"out": v.shape[-1]})
     return _plan(target, q.dtype, q.shape[-1], v.shape[-1], spec.key(), spec.mask_kind, bool(varlen), tma_env,
-                 misaligned, knob_autotune(), ov)
+                 misaligned, knob_autotune(), ov, gluon_rule(q, k, v, spec, varlen, ov, target))
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(target, dtype, head_dim, head_dim_v, spec_key, mask_kind, varlen, tma_env, misaligned, autotune_env,
-          ov) -> ForwardPlan:
+          ov, gluon) -> ForwardPlan:
     block_d, block_dv = head_block(head_dim), head_block(head_dim_v)
     if ov.use_tma is None:
         gate = (max(block_d, block_dv) >= C.FWD_TMA_MIN_HEAD_BLOCK,
@@ -143,7 +184,8 @@ def _plan(target, dtype, head_dim, head_dim_v, spec_key, mask_kind, varlen, tma_
     autotune = target.name != "interpreter" and len(configs) > 1
     why += ", autotuned once per Sq/Sk power-of-two bucket" if autotune else ", fixed"
     return ForwardPlan(target.name, target.desc, dtype, head_dim, head_dim_v, block_d, block_dv, spec_key, varlen,
-                       bool(use_tma), loads_why, tuple(configs), why, autotune)
+                       bool(use_tma), loads_why, tuple(configs), why, autotune, "gluon" if gluon[0] else "tl",
+                       gluon[1])
 
 
 cache_clear = _plan.cache_clear
