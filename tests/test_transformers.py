@@ -46,13 +46,19 @@ def _registered():
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts of the tileattn entry points the integration called."""
+    """Counts of the tileattn entry points the integration called; "masks": the attn_mask
+    shapes given to tileattn.attention (None for no mask)."""
     counts = {"attention": 0, "attention_with_kvcache": 0}
-    for name in counts:
+    masks = []
+    for name in list(counts):
         def spy(*args, _fn=getattr(tt, name), _name=name, **kwargs):
             counts[_name] += 1
+            if _name == "attention":
+                mask = kwargs.get("attn_mask")
+                masks.append(None if mask is None else tuple(mask.shape))
             return _fn(*args, **kwargs)
         monkeypatch.setattr(tt, name, spy)
+    counts["masks"] = masks
     return counts
 
 
@@ -92,6 +98,9 @@ def test_logits_match_with_left_padding(name, calls):
     ids, mask = _prompts([13, 9, 1], 13)
     out = _logits(model, "tileattn", ids, mask)
     assert calls["attention"] == 2  # one per layer
+    # plain causal layers get the key padding alone (3, 1, 1, 13); sliding ones the dense mask
+    sliding = [False, False] if name == "llama" else [True, True] if name == "mistral" else [True, False]
+    assert calls["masks"] == [(3, 1, 13, 13) if s else (3, 1, 1, 13) for s in sliding]
     lo = _logits(model, ref_impl, ids, mask)
     hi = _unpadded(model, "eager", ids, mask, torch.float64)
     keep = mask.bool()
@@ -120,7 +129,7 @@ def test_plain_causal_and_decode_paths(calls):
         model.set_attn_implementation("sdpa")
         ref = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(ours, ref)
-    assert calls == {"attention": 2, "attention_with_kvcache": 2 * 3}  # prefill, then 3 decode steps
+    assert calls == {"attention": 2, "attention_with_kvcache": 2 * 3, "masks": [None, None]}  # prefill, 3 steps
 
 
 @pytest.mark.parametrize("lens", [[10, 10], [10, 5]], ids=["unpadded", "left_padded"])
