@@ -70,9 +70,11 @@ def save(doc, out_dir, stem) -> list:
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
         drawn = {}
         for ax, (ylabel, lines) in zip(axes[0], panels):
+            colors = {}  # a provider's causal line (dashed) shares its color
             for label, pts in lines.items():
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, "--o" if label.endswith(" causal") else "-o", label=label, markersize=4)
+                color = colors.setdefault(label.removesuffix(" causal"), f"C{len(colors) % 10}")
+                ax.plot(xs, ys, "--o" if label.endswith(" causal") else "-o", color=color, label=label, markersize=4)
             ax.set(xlabel=xlabel, ylabel=ylabel)
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
