@@ -242,14 +242,89 @@ def test_errors_name_flash_attn_arguments():
     with pytest.raises(ValueError, match=r"tileattn: kv must have shape \(total_k, 2, Hkv, D\)"):
         fa.flash_attn_varlen_kvpacked_func(q[0], torch.randn(4, 3, 2, 16), *[cu_seqlens([4])] * 2, 4, 4)
     kc, vc = _cache(1)
-    for name in ("rotary_cos", "rotary_sin", "cache_leftpad"):
-        with pytest.raises(NotImplementedError, match=f"tileattn: flash_attn_with_kvcache does not support {name}"):
-            fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=1, **{name: torch.zeros(1)})
     with pytest.raises(ValueError, match="tileattn: cache_seqlens is required when k and v are given"):
         fa.flash_attn_with_kvcache(q, kc, vc, k, v)
-    with pytest.raises(ValueError, match="tileattn: cache_batch_idx must index the cache's 1 rows"):
+    with pytest.raises(ValueError, match=r"tileattn: cache_batch_idx must lie in \[0, 0\], got \[1\]"):
         fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=1, cache_batch_idx=torch.tensor([1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="tileattn: rotary_cos/rotary_sin rotate the new k"):
+        fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=1, rotary_cos=torch.ones(8, 4), rotary_sin=torch.ones(8, 4))
+    with pytest.raises(ValueError, match="tileattn: cache_leftpad must be <= cache_seqlens"):
+        fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=1, cache_leftpad=torch.tensor([2], dtype=torch.int32))
 
+
+# ----------------------------------------------------------- decode features (rotary, batch index, leftpad)
+
+DECODE = {  # keywords of attention_with_kvcache beyond the cache; "paged": page size 5
+    "rotary_causal_sn3": dict(rotary=16, causal=True),
+    "rotary_interleaved_noncausal": dict(rotary=24, interleaved=True, causal=False),
+    "rotary_window": dict(rotary=8, causal=False, window=(4, 1)),
+    "leftpad_alibi": dict(leftpad=True, causal=True, alibi=True),
+    "leftpad_paged_window": dict(leftpad=True, paged=True, causal=True, window=(6, 0)),
+    "batch_idx": dict(batch_idx=True, causal=True),
+    "all_three": dict(rotary=16, batch_idx=True, leftpad=True, causal=True, softcap=2.0),
+}
+
+
+def _decode_args(case):
+    """(cache tensors, keywords for tileattn and the oracle) of DECODE[case]: 3 query rows,
+    Sn 3, caches of 16 slots (5 cache rows with a batch index)."""
+    c = DECODE[case]
+    kc, vc = _cache(5 if c.get("batch_idx") else 3)
+    kw = dict(cache_seqlens=torch.tensor([4, 0, 9], dtype=torch.int32), causal=c["causal"],
+              window=c.get("window", (-1, -1)), softcap=c.get("softcap", 0.0))
+    if c.get("rotary"):
+        angles = torch.rand(32, c["rotary"] // 2) * 6
+        kw.update(rotary_cos=angles.cos(), rotary_sin=angles.sin(), rotary_interleaved=c.get("interleaved", False))
+    if c.get("batch_idx"):
+        kw["cache_batch_idx"] = torch.tensor([3, 0, 4], dtype=torch.int32)
+    if c.get("leftpad"):
+        kw["cache_leftpad"] = torch.tensor([2, 0, 9], dtype=torch.int32)
+    if c.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(3, 4)
+    return kc, vc, c.get("paged", False), kw
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("case", sorted(DECODE))
+def test_decode_features_vs_oracle(case, backend):
+    kc, vc, paged, kw = _decode_args(case)
+    q, k, v = randn((3, 3, 4, 24), torch.float32, "cpu"), *(randn((3, 3, 2, 24), torch.float32, "cpu") for _ in "kv")
+    k_ref, v_ref = kc.clone(), vc.clone()
+    out_hi, lse_hi = reference.attention_with_kvcache(q, k_ref, v_ref, k, v, **kw)
+    table = None
+    if paged:
+        kc, table = to_paged(kc, 5)
+        vc, _ = to_paged(vc, 5, table=table)
+    out, lse = tileattn.attention_with_kvcache(q, kc, vc, k, v, block_table=table, return_lse=True,
+                                               backend=backend, **kw)
+    assert_close("out", out, out_hi, None)
+    assert_close("lse", lse, lse_hi, None, dtype=torch.float32)
+    if not paged:  # the (rotated) new keys landed in the right rows and slots, nothing else moved
+        assert_close("k_cache", kc, k_ref, None)
+        assert torch.equal(vc, v_ref)
+
+
+def test_decode_features_through_flash_attn_names():
+    """flash_attn_with_kvcache passes rotary (interleaved by default), batch index and leftpad on."""
+    kc, vc, _, kw = _decode_args("all_three")
+    q, k, v = randn((3, 3, 4, 24), torch.float32, "cpu"), *(randn((3, 3, 2, 24), torch.float32, "cpu") for _ in "kv")
+    kw["rotary_interleaved"] = True
+    ref = tileattn.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, **kw)
+    out = fa.flash_attn_with_kvcache(q, kc, vc, k, v, kw["rotary_cos"], kw["rotary_sin"], kw["cache_seqlens"],
+                                     kw["cache_batch_idx"], kw["cache_leftpad"], causal=True, softcap=2.0)
+    assert torch.equal(out, ref)
+
+
+def test_leftpad_equals_the_cache_shifted_left():
+    """Leftpad p over slots p..n-1 is the attention of those keys moved to 0..n-p-1 (causal,
+    window and ALiBi distances are relative), up to fp32 rounding."""
+    kc, vc = _cache(1)
+    q, slopes = randn((1, 2, 4, 24), torch.float32, "cpu"), torch.rand(4)
+    kw = dict(alibi_slopes=slopes, window=(4, 0))
+    pad = torch.tensor([5], dtype=torch.int32)
+    out = tileattn.attention_with_kvcache(q, kc, vc, cache_seqlens=12, cache_leftpad=pad, **kw)
+    shifted = tileattn.attention_with_kvcache(q, kc[:, 5:].contiguous(), vc[:, 5:].contiguous(), cache_seqlens=7, **kw)
+    assert_close("leftpad vs shifted", out, shifted.double(), None)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

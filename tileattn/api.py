@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from . import _checks, backends, ops
+from . import _checks, _kvprep, backends, ops
 from .score import ScoreSpec
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa"]
@@ -189,7 +189,8 @@ class _NoBackward(torch.autograd.Function):
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
                            causal=True, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           sinks=None, num_splits=0, return_lse=False, backend="auto"):
+                           sinks=None, num_splits=0, return_lse=False, rotary_cos=None, rotary_sin=None,
+                           rotary_interleaved=False, cache_batch_idx=None, cache_leftpad=None, backend="auto"):
     """Decode / chunked prefill over a contiguous or paged KV cache (inference only).
 
     Args:
@@ -205,6 +206,14 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             advances it; lengths are read on device (no host sync, CUDA-graph capturable).
         causal: bottom-right aligned against cache_seqlens[b] + Sn keys (default True).
         num_splits: split-KV count; 0 lets the backend choose.
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) float; rotate q and the new k (k/v
+            required) at positions cache_seqlens[b] + i -- q at cache_seqlens[b] for every row
+            when neither causal nor windowed -- on the first rotary_dim dims, as pairs
+            (d, d + rotary_dim / 2), or (2d, 2d + 1) with ``rotary_interleaved`` (flash-attn's rule).
+        cache_batch_idx: int32 (B,): row b uses contiguous cache row cache_batch_idx[b].
+        cache_leftpad: int32 (B,): row b's keys start at cache slot cache_leftpad[b] (<=
+            cache_seqlens[b]); slots before it are not attended. The last three are host-side
+            rewrites (tileattn/_kvprep.py) on every backend; leftpad reads the cache slot by slot.
         Other keywords as in :func:`attention`.
 
     Returns:
@@ -215,6 +224,12 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         >>> q = torch.randn(2, 1, 8, 64); k = v = torch.randn(2, 1, 2, 64)
         >>> out = tileattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=10)
     """
+    if not (rotary_cos is None and rotary_sin is None and cache_batch_idx is None and cache_leftpad is None):
+        _checks.options(scale=scale, window=window, softcap=softcap, causal=causal)
+        _checks.flag("rotary_interleaved", rotary_interleaved)
+        q, k, k_cache, v_cache, cache_seqlens, block_table = _kvprep.prepare(
+            q, k_cache, v_cache, k, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved,
+            cache_batch_idx, cache_leftpad, positional=causal or tuple(window) != (-1, -1))
     cache_seqlens, block_table = _checks.kvcache(k_cache, v_cache, k, v, cache_seqlens, block_table, q=q)
     _checks.options(scale=scale, window=window, softcap=softcap, causal=causal, return_lse=return_lse,
                     backend=backend, num_splits=num_splits)

@@ -18,8 +18,8 @@ Return values, as flash-attn's:
     probabilities and its dropout stream (tileattn/_philox.py) is not flash-attn's.
 
 Differences (docs/compat.md): a negative ``softcap`` raises (flash-attn treats it as off);
-``flash_attn_with_kvcache`` has no ``rotary_cos``/``rotary_sin``/``cache_leftpad`` yet (they
-raise ``NotImplementedError``); it has no backward, as flash-attn's.
+``flash_attn_with_kvcache``'s rotary / cache_batch_idx / cache_leftpad are host-side rewrites,
+not fused into the kernel; it has no backward, as flash-attn's.
 """
 
 import torch
@@ -228,12 +228,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             cache_seqlens[b] .. + Sn - 1, then attended.
         cache_seqlens: int or int32 (B,) tokens already cached; None = the whole cache (only
             without k/v). The caller advances it.
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2): rotate q and the new k (k/v
+            required) at positions cache_seqlens[b] + i (q all at cache_seqlens[b] unless causal
+            or windowed); ``rotary_interleaved`` (default True) pairs dims (2d, 2d + 1), else
+            (d, d + rotary_dim / 2) (GPT-NeoX).
         cache_batch_idx: int32 (B,): query row b uses cache row cache_batch_idx[b] (contiguous
             cache only, as flash-attn); default 0 .. B-1.
+        cache_leftpad: int32 (B,): row b's keys start at slot cache_leftpad[b] (paged caches too).
         causal: default False here (flash-attn's), bottom-right aligned against the cache.
         num_splits: split-KV count, 0 = automatic. Other arguments as :func:`flash_attn_func`.
-        rotary_cos, rotary_sin, cache_leftpad, rotary_interleaved: not supported yet; a
-            non-None rotary_cos/rotary_sin/cache_leftpad raises NotImplementedError.
+        Rotary, batch index and leftpad are host-side rewrites (tileattn/_kvprep.py), not fused.
 
     Returns:
         out (B, Sn, H, Dv) [, softmax_lse (B, H, Sn) float32]. No backward (as flash-attn).
@@ -244,12 +248,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         >>> flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=5, causal=True).shape
         torch.Size([2, 1, 4, 32])
     """
-    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin), ("cache_leftpad", cache_leftpad)):
-        if t is not None:
-            raise NotImplementedError(f"tileattn: flash_attn_with_kvcache does not support {name} yet; apply "
-                                      f"the rotary embedding / left padding before the call (docs/compat.md)")
-    if cache_batch_idx is not None:
-        block_table = _batch_idx_table(cache_batch_idx, k_cache, block_table)
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("tileattn: cache_seqlens is required when k and v are given (it says where they go)")
@@ -260,19 +258,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         return attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
                                       block_table=block_table, causal=causal, scale=softmax_scale,
                                       window=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                                      num_splits=num_splits, return_lse=return_softmax_lse)
+                                      num_splits=num_splits, return_lse=return_softmax_lse, rotary_cos=rotary_cos,
+                                      rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                                      cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
     except (TypeError, ValueError) as err:
         raise _renamed(err) from None
 
-
-def _batch_idx_table(cache_batch_idx, k_cache, block_table):
-    """cache_batch_idx (B,) as a block table: a contiguous cache (B_cache, Smax, ...) is a paged
-    cache of B_cache pages of Smax slots, and row b's one page is cache_batch_idx[b]."""
-    if block_table is not None:
-        raise NotImplementedError("tileattn: cache_batch_idx needs a contiguous cache (as in flash-attn); "
-                                  "with a paged cache, reorder block_table's rows instead")
-    idx = _checks.index_tensor("cache_batch_idx", cache_batch_idx, k_cache, 1, "k_cache")
-    if _checks.debug_checks(idx) and idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < k_cache.shape[0]:
-        raise ValueError(f"tileattn: cache_batch_idx must index the cache's {k_cache.shape[0]} rows, "
-                         f"got {idx.tolist()}")
-    return idx[:, None]

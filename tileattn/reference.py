@@ -174,26 +174,29 @@ def _row(spec, b):
     return replace(spec, alibi_slopes=slopes, attn_mask=None)
 
 
-def _kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, dtype):
+def _kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, dtype, rows=None, starts=None):
     """Append k_new/v_new into the cache in place, then attend each batch row to its keys.
 
     Contiguous cache (B, Smax, Hkv, D[v]) or paged (num_blocks, page_size, Hkv, D[v]) with
-    block_table (B, max_blocks), addressed by ``tileattn.paged``. Returns out (B, Sn, Hq, Dv),
-    lse (B, Hq, Sn) in dtype.
+    block_table (B, max_blocks), addressed by ``tileattn.paged``. Row b uses cache row
+    ``rows[b]`` (contiguous; default b) and attends keys ``starts[b]`` (default 0) .. end.
+    Returns out (B, Sn, Hq, Dv), lse (B, Hq, Sn) in dtype.
     """
     B, Sn = q.shape[:2]
     lens = cache_seqlens.tolist() if torch.is_tensor(cache_seqlens) else [int(cache_seqlens)] * B
+    rows = range(B) if rows is None else rows.tolist()
+    starts = [0] * B if starts is None else starts.tolist()
     dev = k_cache.device
     outs, lses = [], []
     for b in range(B):
-        n = lens[b]
+        n, r = lens[b], rows[b]
         if k_new is not None:
-            at = paged.row_index(k_cache, block_table, b, torch.arange(n, n + Sn, device=dev))
+            at = paged.row_index(k_cache, block_table, r, torch.arange(n, n + Sn, device=dev))
             with torch.no_grad():
                 k_cache[at] = k_new[b].to(k_cache.dtype)
                 v_cache[at] = v_new[b].to(v_cache.dtype)
             n += Sn
-        keys = paged.row_index(k_cache, block_table, b, torch.arange(n, device=dev))
+        keys = paged.row_index(k_cache, block_table, r, torch.arange(starts[b], n, device=dev))
         o, l = _core(q[b:b + 1], k_cache[keys][None], v_cache[keys][None], _row(spec, b), keep=None, dtype=dtype)
         outs.append(o)
         lses.append(l)
@@ -255,19 +258,44 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
                            causal=True, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           sinks=None, num_splits=0, upcast=True):
+                           sinks=None, num_splits=0, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
+                           cache_batch_idx=None, cache_leftpad=None, upcast=True):
     """Reference ``tileattn.attention_with_kvcache``; returns ``(out, lse)``; mutates the caches.
 
     q (B, Sn, Hq, D); cache (B, Smax, Hkv, D[v]) or paged (num_blocks, block_size, Hkv, D[v])
     with ``block_table`` (B, max_blocks); ``cache_seqlens`` int tensor (B,) or Python int.
     k/v (B, Sn, Hkv, D[v]) are written at cache_seqlens[b] .. +Sn, then keys
-    0 .. cache_seqlens[b] + Sn (cache_seqlens[b] without k) are attended, causal bottom-right
-    by default -> out (B, Sn, Hq, Dv), lse (B, Hq, Sn). ``num_splits`` is accepted and unused.
+    cache_leftpad[b] (default 0) .. cache_seqlens[b] + Sn (cache_seqlens[b] without k) are
+    attended, causal bottom-right against that end -> out (B, Sn, Hq, Dv), lse (B, Hq, Sn).
+    ``cache_batch_idx`` (B,) maps row b to contiguous cache row cache_batch_idx[b]. Rotary
+    (``rotary_cos``/``rotary_sin`` (seqlen_ro, r/2)) turns q and k before the append: pairs
+    (d, d + r/2), or (2d, 2d + 1) interleaved, at position cache_seqlens[b] + i (q's rows all
+    at cache_seqlens[b] unless causal or windowed). ``num_splits`` is accepted and unused.
     """
     spec = _spec(q, q.shape[0], causal, scale, window, softcap, alibi_slopes, sinks)
+    dtype = torch.float64 if upcast else q.dtype
+    if rotary_cos is not None:
+        lens = torch.as_tensor(cache_seqlens, device=q.device).long().expand(q.shape[0])
+        pos = lens[:, None] + torch.arange(q.shape[1], device=q.device)
+        q_pos = pos if causal or tuple(window) != (-1, -1) else lens[:, None].expand_as(pos)
+        q = _rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved, dtype)
+        k = _rotary(k, rotary_cos, rotary_sin, pos, rotary_interleaved, dtype)
     out, lse = _kvcache(q, k_cache, v_cache, k, v, spec, cache_seqlens=cache_seqlens, block_table=block_table,
-                        dtype=torch.float64 if upcast else q.dtype)
+                        dtype=dtype, rows=cache_batch_idx, starts=cache_leftpad)
     return _result(out, lse, upcast, q)
+
+
+def _rotary(x, cos, sin, pos, interleaved, dtype):
+    """x (B, S, H, D) in ``dtype`` with its first 2 * cos.shape[1] dims rotated at positions pos (B, S)."""
+    half = cos.shape[1]
+    c, s = cos.to(dtype)[pos][:, :, None], sin.to(dtype)[pos][:, :, None]
+    first, second = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else \
+        (slice(0, half), slice(half, 2 * half))
+    x = x.to(dtype)
+    out = x.clone()
+    out[..., first] = x[..., first] * c - x[..., second] * s
+    out[..., second] = x[..., first] * s + x[..., second] * c
+    return out
 
 
 # ----------------------------------------------------------------------------- backend contract
