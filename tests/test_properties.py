@@ -241,14 +241,14 @@ def test_sinks_neg_inf_match_oracle(backend, p):
     _oracle_case(dict(p, mask="bool_empty_row"), backend)
 
 
-@pytest.mark.parametrize("backend", xfail17("NaN containment (class 3)", ["triton"]))
+@pytest.mark.parametrize("backend", BACKENDS)
 @prop(cpu=60, triton=6, p=problems(nan="k"))
 def test_nan_key_matches_oracle(backend, p):
     """A NaN in one key reaches exactly the rows that keep that key ([Note] hidden keys)."""
     _oracle_case(p, backend)
 
 
-@pytest.mark.parametrize("backend", xfail17("NaN containment (class 3)", ["triton"]))
+@pytest.mark.parametrize("backend", BACKENDS)
 @prop(cpu=60, triton=6, p=problems(nan="v"))
 def test_nan_value_matches_oracle(backend, p):
     """A NaN in one value reaches exactly the rows that keep that key ([Note] hidden keys)."""
@@ -322,8 +322,7 @@ def test_hidden_extra_key_changes_nothing(backend, p, at, junk):
     _hidden_key_case(backend, p, at, junk)
 
 
-@pytest.mark.parametrize("backend", xfail17("NaN containment (class 3: a hidden inf/NaN key poisons rows on Triton)",
-                                            ["triton"]))
+@pytest.mark.parametrize("backend", BACKENDS)
 @prop(cpu=25, triton=4, p=problems(dropout=False, position_free=True), at=st.floats(0, 1),
       junk=st.sampled_from(["nan", "inf"]))
 def test_hidden_nonfinite_key_changes_nothing(backend, p, at, junk):

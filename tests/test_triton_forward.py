@@ -241,8 +241,6 @@ def test_nan_key_reaches_only_rows_that_keep_it(device, hider, dtype):
     _nan_close("lse", lse, hi[1], lo[1], dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 class 3: a hidden non-finite value reaches every row of its tile "
-                   "(0 * NaN inside P @ V); the fix on branch issue17-class3-wip spills on sm_90")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("junk", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("hider", ["causal", "window", "bool_mask"])

@@ -176,8 +176,6 @@ def test_masked_new_key_nan(device, page, splits):
         assert_close(name, got[~hi.isnan()], hi[~hi.isnan()], None, dtype=torch.float32)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 class 3: a hidden non-finite value reaches every row of its tile "
-                   "(0 * NaN inside P @ V); the fix on branch issue17-class3-wip spills on sm_90")
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("junk", ["nan", "inf"])
 @pytest.mark.parametrize("page", [None, 3])

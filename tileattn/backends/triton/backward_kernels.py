@@ -63,8 +63,9 @@ Sub notation (on top of ``score.py``'s ``i, j, diag, qk, t, region``)::
 import triton
 import triton.language as tl
 
-from tileattn.backends.triton.score import (LOG2E, block_ranges, dropout_keep, head_terms, keep_tile, load_mask_tile,
-                                            load_rows, score_and_dcap, seq_bounds)
+from tileattn.backends.triton.score import (LOG2E, add_nonfinite, any_nonfinite, block_ranges, dropout_keep, head_terms,
+                                            keep_tile, load_mask_tile, load_rows, nonfinite, score_and_dcap,
+                                            seq_bounds)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -192,57 +193,72 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
         offs_m0 = tl.arange(0, BLOCK_M)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        # not pipelined: with one query row block (Sq specialized to 1) this becomes the innermost
-        # loop, and the pipeliner cannot predicate the descriptor creation in it
-        for g in tl.range(group, num_stages=1):
-            off_h = off_hk * group + g
-            h64 = off_h.to(tl.int64)
-            q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
-            do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
-            q_src, do_src = _tile_sources(q_base, do_base, seqlen_q, stride_qm, stride_dom,
-                                          HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
-            stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
-            lse2_row = Lse2Pad + stats
-            delta_row = DeltaPad + stats
-            mask_base, alibi_log2 = head_terms(Mask, Slopes, b64, h64, stride_mb, stride_mh, stride_ab, stride_ah,
-                                               MASK_KIND, ALIBI)
-            # transposed regions (see ranges above); the window cuts edge tiles (region != 1: keep_tile)
-            for region in tl.static_range(1 - HAS_RIGHT, 2 + HAS_LEFT):
-                for m0 in range(ranges[region], ranges[region + 1], BLOCK_M):
-                    m0 = tl.multiple_of(m0, BLOCK_M)
-                    offs_m = m0 + offs_m0
-                    q, do = _load_tiles(q_src, do_src, m0, seqlen_q, stride_qm, stride_dom, HEAD_D, HEAD_DV,
-                                        BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
-                    lse2 = tl.load(lse2_row + offs_m)  # padded: no mask ([Note] padded row stats)
-                    delta = tl.load(delta_row + offs_m)
+        # Pass 1 (score [Note] hidden values) recomputes dk, dv with ds kept to kept pairs; it
+        # runs only when pass 0 left a non-finite dk.
+        for exact in tl.static_range(1 + (MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT)):
+            if exact:
+                redo = any_nonfinite(dk)
+            else:
+                redo = True
+            if redo:
+                if exact:
+                    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+                # not pipelined: with one query row block (Sq specialized to 1) this becomes the innermost
+                # loop, and the pipeliner cannot predicate the descriptor creation in it
+                for g in tl.range(group, num_stages=1):
+                    off_h = off_hk * group + g
+                    h64 = off_h.to(tl.int64)
+                    q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
+                    do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
+                    q_src, do_src = _tile_sources(q_base, do_base, seqlen_q, stride_qm, stride_dom,
+                                                  HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
+                    stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
+                    lse2_row = Lse2Pad + stats
+                    delta_row = DeltaPad + stats
+                    mask_base, alibi_log2 = head_terms(Mask, Slopes, b64, h64, stride_mb, stride_mh, stride_ab,
+                                                       stride_ah, MASK_KIND, ALIBI)
+                    # transposed regions (see ranges above); the window cuts edge tiles (region != 1: keep_tile)
+                    for region in tl.static_range(1 - HAS_RIGHT, 2 + HAS_LEFT):
+                        for m0 in range(ranges[region], ranges[region + 1], BLOCK_M):
+                            m0 = tl.multiple_of(m0, BLOCK_M)
+                            offs_m = m0 + offs_m0
+                            q, do = _load_tiles(q_src, do_src, m0, seqlen_q, stride_qm, stride_dom, HEAD_D,
+                                                HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
+                            lse2 = tl.load(lse2_row + offs_m)  # padded: no mask ([Note] padded row stats)
+                            delta = tl.load(delta_row + offs_m)
 
-                    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-                    maskT = load_mask_tile(mask_base, n0, m0, stride_mn, stride_mm, seqlen_k, seqlen_q,
-                                           BLOCK_N, BLOCK_M, MASK_KIND)
-                    tT, dcapT = score_and_dcap(qkT, offs_n, offs_m, -diag, qk_scale, softcap_scale, softcap_log2,
-                                               alibi_log2, maskT, SOFTCAP, ALIBI, MASK_KIND)
-                    pT = tl.math.exp2(tT - lse2[None, :])
-                    if region != 1:
-                        keepT = keep_tile(offs_n, offs_m, -diag, seqlen_q, window_right, window_left,
-                                          HAS_RIGHT, HAS_LEFT)
-                        pT = tl.where(keepT, pT, 0.0)
-                    if MASK_KIND == 1:
-                        pT = tl.where(maskT != 0, pT, 0.0)
+                            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+                            maskT = load_mask_tile(mask_base, n0, m0, stride_mn, stride_mm, seqlen_k, seqlen_q,
+                                                   BLOCK_N, BLOCK_M, MASK_KIND)
+                            tT, dcapT = score_and_dcap(qkT, offs_n, offs_m, -diag, qk_scale, softcap_scale,
+                                                       softcap_log2, alibi_log2, maskT, SOFTCAP, ALIBI, MASK_KIND)
+                            pT = tl.math.exp2(tT - lse2[None, :])
+                            if region != 1 or exact:
+                                keepT = keep_tile(offs_n, offs_m, -diag, seqlen_q, window_right, window_left,
+                                                  HAS_RIGHT, HAS_LEFT)
+                                if MASK_KIND == 1:
+                                    keepT = keepT & (maskT != 0)
+                                pT = tl.where(keepT, pT, 0.0)
+                            elif MASK_KIND == 1:
+                                pT = tl.where(maskT != 0, pT, 0.0)
 
-                    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                    if DROPOUT:
-                        drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
-                        dropT = tl.trans(drop.to(tl.int8)) != 0
-                        rescale = 1.0 / (1.0 - dropout_p)
-                        dv = tl.dot(tl.where(dropT, pT * rescale, 0.0).to(do.dtype), do, dv,
-                                    input_precision=DOT_PREC)
-                        dpT = tl.where(dropT, dpT * rescale, 0.0)
-                    else:
-                        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-                    dsT = pT * (dpT - delta[None, :])
-                    if SOFTCAP:
-                        dsT = dsT * dcapT
-                    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+                            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                            if DROPOUT:
+                                drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
+                                dropT = tl.trans(drop.to(tl.int8)) != 0
+                                # a product, not a select: a dropped NaN weight stays NaN (reference.py)
+                                dropw = tl.where(dropT, 1.0 / (1.0 - dropout_p), 0.0)
+                                dv = tl.dot((pT * dropw).to(do.dtype), do, dv, input_precision=DOT_PREC)
+                                dpT = dpT * dropw
+                            else:
+                                dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+                            dsT = pT * (dpT - delta[None, :])
+                            if SOFTCAP:
+                                dsT = dsT * dcapT
+                            if exact:
+                                dsT = tl.where(keepT, dsT, 0.0)
+                            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
         dk_base = DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + k0 * stride_dkn
         _store_rows(dk_base, dk * scale, n0, seqlen_k, stride_dkn, HEAD_D, BLOCK_N, BLOCK_D)
         dv_base = DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + k0 * stride_dvn
@@ -320,38 +336,64 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
         pdp = tl.zeros([BLOCK_M], tl.float32)  # SINKS: sum_j p * dp, delta without out's rounding (dsinks)
         offs_n0 = tl.arange(0, BLOCK_N)
         # regions (score.py) as the forward's; in edge tiles (region != 1) keys past seqlen_k must be
-        # zeroed by keep_tile since their p may overflow
-        for region in tl.static_range(1 - HAS_LEFT, 3):
-            for n0 in range(ranges[region], ranges[region + 1], BLOCK_N):
-                n0 = tl.multiple_of(n0, BLOCK_N)
-                offs_n = n0 + offs_n0
-                k, v = _load_tiles(k_src, v_src, n0, seqlen_k, stride_kn, stride_vn, HEAD_D, HEAD_DV,
-                                   BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k,
-                                           BLOCK_M, BLOCK_N, MASK_KIND)
-                t, dcap = score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2,
-                                         alibi_log2, mask_tile, SOFTCAP, ALIBI, MASK_KIND)
-                p = tl.math.exp2(t - lse2[:, None])
-                if region != 1:
-                    p = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
-                                           HAS_RIGHT), p, 0.0)
-                if MASK_KIND == 1:
-                    p = tl.where(mask_tile != 0, p, 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-                if DROPOUT:
-                    drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
-                    dp = tl.where(drop, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-                ds = p * (dp - delta[:, None])
-                if SINKS:
-                    pdp += tl.sum(p * dp, 1)
-                if MASK_GRAD:
-                    ptrs = (dmask_base + m0.to(tl.int64) * seqlen_k + n0
-                            + tl.arange(0, BLOCK_M)[:, None] * tl.cast(seqlen_k, tl.int64) + offs_n0[None, :])
-                    tl.store(ptrs, ds, mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
-                if SOFTCAP:
-                    ds = ds * dcap
-                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        # zeroed by keep_tile since their p may overflow. Pass 1 (score [Note] hidden values) runs
+        # only when pass 0 left a non-finite dq: ds kept to kept pairs, a non-finite key contained.
+        for exact in tl.static_range(1 + (MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT)):
+            if exact:
+                redo = any_nonfinite(dq)
+            else:
+                redo = True
+            if redo:
+                if exact:
+                    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                    pdp = tl.zeros([BLOCK_M], tl.float32)
+                for region in tl.static_range(1 - HAS_LEFT, 3):
+                    for n0 in range(ranges[region], ranges[region + 1], BLOCK_N):
+                        n0 = tl.multiple_of(n0, BLOCK_N)
+                        offs_n = n0 + offs_n0
+                        k, v = _load_tiles(k_src, v_src, n0, seqlen_k, stride_kn, stride_vn, HEAD_D, HEAD_DV,
+                                           BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
+                        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                        mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k,
+                                                   BLOCK_M, BLOCK_N, MASK_KIND)
+                        t, dcap = score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2,
+                                                 alibi_log2, mask_tile, SOFTCAP, ALIBI, MASK_KIND)
+                        p = tl.math.exp2(t - lse2[:, None])
+                        if region != 1 or exact:
+                            keep = keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
+                                             HAS_RIGHT)
+                            if MASK_KIND == 1:
+                                keep = keep & (mask_tile != 0)
+                            p = tl.where(keep, p, 0.0)
+                        elif MASK_KIND == 1:
+                            p = tl.where(mask_tile != 0, p, 0.0)
+                        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                        if DROPOUT:
+                            drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
+                            dp = dp * tl.where(drop, 1.0 / (1.0 - dropout_p), 0.0)  # a product, as dK/dV's
+                        ds = p * (dp - delta[:, None])
+                        if exact:  # a hidden non-finite value makes dp NaN where p = 0
+                            ds = tl.where(keep, ds, 0.0)
+                        if SINKS:
+                            if exact:
+                                pdp += tl.sum(tl.where(keep, p * dp, 0.0), 1)
+                            else:
+                                pdp += tl.sum(p * dp, 1)
+                        if MASK_GRAD:
+                            ptrs = (dmask_base + m0.to(tl.int64) * seqlen_k + n0
+                                    + tl.arange(0, BLOCK_M)[:, None] * tl.cast(seqlen_k, tl.int64)
+                                    + offs_n0[None, :])
+                            tl.store(ptrs, ds, mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
+                        if SOFTCAP:
+                            ds = ds * dcap
+                            if exact:  # dcap is NaN at a hidden non-finite key
+                                ds = tl.where(keep, ds, 0.0)
+                        if exact:
+                            if any_nonfinite(k):
+                                bad = nonfinite(k)
+                                dq = add_nonfinite(dq, ds, k, bad, keep)
+                                k = tl.where(bad, 0.0, k).to(k.dtype)
+                        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
         if SINKS:
             tl.store(SinkDelta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, pdp, mask=offs_m < seqlen_q)
         dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm

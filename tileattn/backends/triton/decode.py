@@ -63,7 +63,8 @@ from tileattn.backends.triton.launch import fast
 from tileattn.backends.triton.plan import next_pow2
 
 from .combine import _rows_mask, combine_splits
-from .score import LOG2E, finish_rows, keep_tile, sink_fold, softmax_step, step_input
+from .score import (LOG2E, add_nonfinite, any_nonfinite, finish_rows, keep_tile, nonfinite, sink_fold, softmax_step,
+                    step_input)
 
 
 @triton.jit
@@ -121,20 +122,30 @@ def _page_rows(page, start_n, slot_rows, stride_p, stride_s, PAGE_SIZE: tl.const
 def _attend_tile(q, k, v, offs_n, n_lo, n_end, pos, alibi_log2, m_i, l_i, acc, qk_scale, softcap_scale,
                  softcap_log2, window_left, window_right, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, NEG_SCALE: tl.constexpr, CHECK_LO: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, EXACT: tl.constexpr):
     """Online-softmax update of m_i, l_i (BLOCK_M,) and acc (BLOCK_M, BLOCK_DV) with the keys k
     (N, BLOCK_D) and values v (N, BLOCK_DV) at key positions offs_n (N,); keys at or past n_end
     (and, with CHECK_LO, before n_lo) are dropped. Rows sit at key positions pos (BLOCK_M,);
     alibi_log2 (BLOCK_M, 1) is each row's slope * log2(e). Returns the updated (m_i, l_i, acc).
-    The score and keep rules are the forward's (score.py, diag 0: positions are absolute)."""
+    The score and keep rules are the forward's (score.py, diag 0: positions are absolute).
+    EXACT (score [Note] hidden values): m_i is final, only acc grows, non-finite values contained."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     x, x_scale = step_input(qk, pos, offs_n, 0, qk_scale, softcap_scale, softcap_log2, alibi_log2, 0,
                             SOFTCAP, ALIBI, 0, NEG_SCALE)
     keep = keep_tile(pos, offs_n, 0, n_end, window_left, window_right, HAS_LEFT, HAS_RIGHT)
     if CHECK_LO:
         keep = keep & (offs_n >= n_lo)[None, :]
-    p, alpha, m_i, l_i = softmax_step(tl.where(keep, x, float("-inf")), x_scale, m_i, l_i, True)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    if EXACT:
+        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+        p = tl.where(keep, tl.math.exp2(x * x_scale - m_use[:, None]), 0.0).to(v.dtype)
+        if any_nonfinite(v):
+            bad = nonfinite(v)
+            acc = add_nonfinite(acc, p, v, bad, keep)
+            v = tl.where(bad, 0.0, v).to(v.dtype)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
+    else:
+        p, alpha, m_i, l_i = softmax_step(tl.where(keep, x, float("-inf")), x_scale, m_i, l_i, True)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return m_i, l_i, acc
 
 
@@ -250,60 +261,65 @@ def _decode_kernel(
     if HAS_NEW:  # this split's new keys j in [new_lo, new_hi), see [Note] new keys
         new_lo = tl.maximum(start - Sk_old, 0)
         new_hi = tl.minimum(end - Sk_old, n_new)
-        if (new_lo < BLOCK_NEW) & (new_lo < new_hi):
-            m_i, l_i, acc = _attend_tile(q, k_new, v_new, Sk_old + offs_j, Sk_old + new_lo, Sk_old + new_hi, pos,
-                                         alibi_log2, m_i, l_i, acc, qk_scale, softcap_scale, softcap_log2,
-                                         window_left, window_right, SOFTCAP, ALIBI, HAS_LEFT, HAS_RIGHT, NEG_SCALE,
-                                         True, DOT_PREC)
-        for j0 in range(tl.maximum(new_lo, BLOCK_NEW), new_hi, BLOCK_NEW):  # Sn > BLOCK_NEW only
-            offs_jn = j0 + offs_j
-            kv_ok = offs_jn < new_hi
-            k = _load_new(kn_base, offs_jn, kv_ok, stride_kns, offs_d, HEAD_D, BLOCK_D, K)
-            v = _load_new(vn_base, offs_jn, kv_ok, stride_vns, offs_dv, HEAD_DV, BLOCK_DV, V)
-            m_i, l_i, acc = _attend_tile(q, k, v, Sk_old + offs_jn, 0, Sk_old + new_hi, pos, alibi_log2, m_i, l_i,
-                                         acc, qk_scale, softcap_scale, softcap_log2, window_left, window_right,
-                                         SOFTCAP, ALIBI, HAS_LEFT, HAS_RIGHT, NEG_SCALE, False, DOT_PREC)
-        # cache offsets of the first BLOCK_NEW new rows, for the append below
-        new_k_rows, new_v_rows = _new_rows(Sk_old + offs_j, offs_j < n_new, bt_base, stride_kb, stride_ks,
-                                           stride_vb, stride_vs, PAGE_SIZE)
+    cache_end = tl.minimum(end, Sk_old)
+    # Pass 1 (score [Note] hidden values): only when pass 0 left a non-finite row and a loaded key
+    # may be hidden (the window, or the new-key tile's keys of other splits)
+    for exact in tl.static_range(1 + (HAS_LEFT or HAS_RIGHT or (HAS_NEW and NUM_SPLITS > 1))):
+        if exact:
+            redo = any_nonfinite(acc)
+        else:
+            redo = True
+        if redo:
+            if exact:
+                acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            if HAS_NEW:
+                if (new_lo < BLOCK_NEW) & (new_lo < new_hi):
+                    m_i, l_i, acc = _attend_tile(q, k_new, v_new, Sk_old + offs_j, Sk_old + new_lo, Sk_old + new_hi,
+                                                 pos, alibi_log2, m_i, l_i, acc, qk_scale, softcap_scale,
+                                                 softcap_log2, window_left, window_right, SOFTCAP, ALIBI, HAS_LEFT,
+                                                 HAS_RIGHT, NEG_SCALE, True, DOT_PREC, exact)
+                for j0 in range(tl.maximum(new_lo, BLOCK_NEW), new_hi, BLOCK_NEW):  # Sn > BLOCK_NEW only
+                    offs_jn = j0 + offs_j
+                    kv_ok = offs_jn < new_hi
+                    k = _load_new(kn_base, offs_jn, kv_ok, stride_kns, offs_d, HEAD_D, BLOCK_D, K)
+                    v = _load_new(vn_base, offs_jn, kv_ok, stride_vns, offs_dv, HEAD_DV, BLOCK_DV, V)
+                    m_i, l_i, acc = _attend_tile(q, k, v, Sk_old + offs_jn, 0, Sk_old + new_hi, pos, alibi_log2,
+                                                 m_i, l_i, acc, qk_scale, softcap_scale, softcap_log2, window_left,
+                                                 window_right, SOFTCAP, ALIBI, HAS_LEFT, HAS_RIGHT, NEG_SCALE, False,
+                                                 DOT_PREC, exact)
+            for start_n in range(start, cache_end, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                kv_ok = offs_n < cache_end
+                if PAGE_SIZE == 0:
+                    k_rows = offs_n.to(tl.int64) * stride_ks
+                else:
+                    page = _page_ids(bt_base, start_n, cache_end, PAGE_SIZE, BLOCK_N)
+                    k_rows = _page_rows(page, start_n, k_slots, stride_kb, stride_ks, PAGE_SIZE, BLOCK_N)
+                if KV_SAME_ROWS:
+                    v_rows = k_rows
+                elif PAGE_SIZE == 0:
+                    v_rows = offs_n.to(tl.int64) * stride_vs
+                else:
+                    v_rows = _page_rows(page, start_n, v_slots, stride_vb, stride_vs, PAGE_SIZE, BLOCK_N)
+                k = tl.load(k_base + k_rows[:, None] + offs_d[None, :],
+                            mask=_rows_mask(kv_ok, offs_d, HEAD_D, BLOCK_D), other=0.0)
+                v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],
+                            mask=_rows_mask(kv_ok, offs_dv, HEAD_DV, BLOCK_DV), other=0.0)
+                m_i, l_i, acc = _attend_tile(q, k, v, offs_n, 0, cache_end, pos, alibi_log2, m_i, l_i, acc,
+                                             qk_scale, softcap_scale, softcap_log2, window_left, window_right,
+                                             SOFTCAP, ALIBI, HAS_LEFT, HAS_RIGHT, NEG_SCALE, False, DOT_PREC, exact)
 
     if HAS_NEW:
         if (pid_s == 0) & (pid_m == 0):  # one program per (b, hkv) appends the new keys
             for j0 in range(0, n_new, BLOCK_NEW):
                 offs_jn = j0 + offs_j
                 j_ok = offs_jn < n_new
-                if j0 == 0:
-                    k_rows, v_rows = new_k_rows, new_v_rows
-                else:
-                    k_rows, v_rows = _new_rows(Sk_old + offs_jn, j_ok, bt_base, stride_kb, stride_ks,
-                                               stride_vb, stride_vs, PAGE_SIZE)
+                k_rows, v_rows = _new_rows(Sk_old + offs_jn, j_ok, bt_base, stride_kb, stride_ks,
+                                           stride_vb, stride_vs, PAGE_SIZE)
                 _store_rows(k_base, k_rows, _load_new(kn_base, offs_jn, j_ok, stride_kns, offs_d, HEAD_D,
                                                       BLOCK_D, K), j_ok, offs_d, HEAD_D, BLOCK_D)
                 _store_rows(v_base, v_rows, _load_new(vn_base, offs_jn, j_ok, stride_vns, offs_dv, HEAD_DV,
                                                       BLOCK_DV, V), j_ok, offs_dv, HEAD_DV, BLOCK_DV)
-
-    cache_end = tl.minimum(end, Sk_old)
-    for start_n in range(start, cache_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = offs_n < cache_end
-        if PAGE_SIZE == 0:
-            k_rows = offs_n.to(tl.int64) * stride_ks
-        else:
-            page = _page_ids(bt_base, start_n, cache_end, PAGE_SIZE, BLOCK_N)
-            k_rows = _page_rows(page, start_n, k_slots, stride_kb, stride_ks, PAGE_SIZE, BLOCK_N)
-        if KV_SAME_ROWS:
-            v_rows = k_rows
-        elif PAGE_SIZE == 0:
-            v_rows = offs_n.to(tl.int64) * stride_vs
-        else:
-            v_rows = _page_rows(page, start_n, v_slots, stride_vb, stride_vs, PAGE_SIZE, BLOCK_N)
-        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :],
-                    mask=_rows_mask(kv_ok, offs_d, HEAD_D, BLOCK_D), other=0.0)
-        v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],
-                    mask=_rows_mask(kv_ok, offs_dv, HEAD_DV, BLOCK_DV), other=0.0)
-        m_i, l_i, acc = _attend_tile(q, k, v, offs_n, 0, cache_end, pos, alibi_log2, m_i, l_i, acc, qk_scale,
-                                     softcap_scale, softcap_log2, window_left, window_right, SOFTCAP, ALIBI,
-                                     HAS_LEFT, HAS_RIGHT, NEG_SCALE, False, DOT_PREC)
 
     if not SPLIT:  # sinks add exp(sink) to the denominator only (split partials: in combine)
         if SINKS:

@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from tileattn.backends.triton import plan as _plan
-from tileattn.backends.triton.score import (LOG2E, block_ranges, dropout_keep, finish_rows, head_terms, keep_tile,
-                                            load_mask_tile, load_rows, seq_bounds, softmax_init, softmax_step,
-                                            step_input)
+from tileattn.backends.triton.score import (LOG2E, add_nonfinite, any_nonfinite, block_ranges, dropout_keep,
+                                            finish_rows, head_terms, keep_tile, load_mask_tile, load_rows, nonfinite,
+                                            seq_bounds, softmax_init, softmax_step, step_input)
 from tileattn.backends.triton.launch import fast
 
 
@@ -100,36 +100,62 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
                           False)
     offs_n0 = tl.arange(0, BLOCK_N)
     # regions (score.py): 0 left edge (only with a left window side), 1 fully kept middle, 2 right
-    # edge; edge tiles (region != 1) may hold dropped keys (keep_tile, masked loads)
-    for region in tl.static_range(1 - HAS_LEFT, 3):
-        for start_n in range(ranges[region], ranges[region + 1], BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            offs_n = start_n + offs_n0
-            if USE_TMA:
-                k = k_src.load([start_n, 0])
-            else:
-                k = load_rows(k_src, start_n, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, region != 1,
-                              HEAD_D != BLOCK_D)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            mask_tile = load_mask_tile(mask_base, m0, start_n, stride_mm, stride_mn, seqlen_q, seqlen_k,
-                                       BLOCK_M, BLOCK_N, MASK_KIND)
-            x, x_scale = step_input(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2,
-                                    mask_tile, SOFTCAP, ALIBI, MASK_KIND, NEG_SCALE)
-            if region != 1:
-                x = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
-                                       HAS_RIGHT), x, float("-inf"))
-            if MASK_KIND == 1:
-                x = tl.where(mask_tile != 0, x, float("-inf"))
-            p, alpha, m_i, l_i = softmax_step(x, x_scale, m_i, l_i, region != 1 or MASK_KIND != 0)
-            acc = acc * alpha[:, None]
-            if USE_TMA:
-                v = v_src.load([start_n, 0])
-            else:
-                v = load_rows(v_src, start_n, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, region != 1,
-                              HEAD_DV != BLOCK_DV)
-            if DROPOUT:
-                p = tl.where(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b), p, 0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    # edge; edge tiles (region != 1) may hold dropped keys (keep_tile, masked loads). Pass 1 runs
+    # only when pass 0 left a non-finite row and some key may be hidden (score [Note] hidden values):
+    # it recomputes acc with the final m_i and contains the non-finite values.
+    for exact in tl.static_range(1 + (MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT)):
+        if exact:
+            redo = any_nonfinite(acc)
+            m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+        else:
+            redo = True
+        if redo:
+            if exact:
+                acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            for region in tl.static_range(1 - HAS_LEFT, 3):
+                for start_n in range(ranges[region], ranges[region + 1], BLOCK_N):
+                    start_n = tl.multiple_of(start_n, BLOCK_N)
+                    offs_n = start_n + offs_n0
+                    if USE_TMA:
+                        k = k_src.load([start_n, 0])
+                    else:
+                        k = load_rows(k_src, start_n, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, region != 1,
+                                      HEAD_D != BLOCK_D)
+                    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                    mask_tile = load_mask_tile(mask_base, m0, start_n, stride_mm, stride_mn, seqlen_q, seqlen_k,
+                                               BLOCK_M, BLOCK_N, MASK_KIND)
+                    x, x_scale = step_input(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2,
+                                            alibi_log2, mask_tile, SOFTCAP, ALIBI, MASK_KIND, NEG_SCALE)
+                    if region != 1:
+                        x = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
+                                               HAS_RIGHT), x, float("-inf"))
+                    if MASK_KIND == 1:
+                        x = tl.where(mask_tile != 0, x, float("-inf"))
+                    if exact:
+                        p = tl.math.exp2(x * x_scale - m_fin[:, None])
+                    else:
+                        p, alpha, m_i, l_i = softmax_step(x, x_scale, m_i, l_i, region != 1 or MASK_KIND != 0)
+                        acc = acc * alpha[:, None]
+                    if USE_TMA:
+                        v = v_src.load([start_n, 0])
+                    else:
+                        v = load_rows(v_src, start_n, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, region != 1,
+                                      HEAD_DV != BLOCK_DV)
+                    if DROPOUT:
+                        p = tl.where(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b), p, 0.0)
+                    p = p.to(v.dtype)
+                    if exact:
+                        bad = nonfinite(v)
+                        if any_nonfinite(v):
+                            keep = (offs_n < seqlen_k)[None, :]
+                            if region != 1:
+                                keep = keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right,
+                                                 HAS_LEFT, HAS_RIGHT)
+                            if MASK_KIND == 1:
+                                keep = keep & (mask_tile != 0)
+                            acc = add_nonfinite(acc, p, v, bad, keep)
+                            v = tl.where(bad, 0.0, v).to(v.dtype)
+                    acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
 
     out, lse = finish_rows(acc, m_i, l_i, 1.0 / (1.0 - dropout_p) if DROPOUT else 1.0)  # [Note] empty rows
     out = out.to(Out.dtype.element_ty)

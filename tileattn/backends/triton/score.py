@@ -34,6 +34,18 @@ softcap gives ``d t / d qk = qk_scale * (1 - tanh^2)`` with ``tanh = (t - alibi 
     ``-inf`` (a head that opts out) starts at ``(-inf, 1)``; the first kept key rescales that 1
     by ``exp2(-inf - m) = 0``, and an empty row ends at ``l_i = 0``, ``lse = -inf``.
 
+[Note] hidden values
+    A key a row does not keep (causal, window, bool mask, another split's key; reference.py
+    [Note] hidden keys) gets p = 0, but 0 * NaN = NaN inside ``tl.dot``: a non-finite value
+    (or, in dQ's ``ds @ k``, key) would reach every row of its tile. The kernels keep their
+    fast loop as it is and test its result once at the end (:func:`any_nonfinite`, one
+    reduction): only when a row ended non-finite does a second, exact pass re-walk the same
+    tiles with the final row statistics, adding a non-finite operand's kept pairs one by one
+    (:func:`add_nonfinite`) and zeroing it for the dot. Finite inputs never take that pass;
+    a legitimately NaN row takes it and ends as NaN again. The backward's ``dp = dout @ v^T``
+    has the same hazard (a hidden non-finite value makes dp NaN where p = 0): its edge tiles
+    set ds to 0 outside the keep test.
+
 [Note] negative scale
     Any finite scale is allowed. The plain path hands :func:`softmax_step` the raw ``qk`` and
     ``x_scale = qk_scale`` so that the row max is taken before scaling and ``qk * qk_scale - m``
@@ -281,6 +293,40 @@ def sink_fold(m_i, l_i, acc, sink_log2):
     l_i = l_i * alpha + tl.math.exp2(sink_log2 - m_use)
     acc = acc * alpha[:, None]
     return m_fin, l_i, acc
+
+
+@triton.jit
+def nonfinite(x):
+    """bool tile: x's inf and NaN elements."""
+    return (x != x) | (tl.abs(x) == float("inf"))
+
+
+@triton.jit
+def any_nonfinite(x):
+    """Scalar: does tile x hold an inf or NaN ([Note] hidden values)?"""
+    return tl.max(tl.max(nonfinite(x).to(tl.int32), 1), 0) > 0
+
+
+@triton.jit
+def add_nonfinite(acc, a, b, bad, keep):
+    """``acc`` plus what the kept pairs of ``a @ b`` take from b's non-finite elements ``bad``
+    ([Note] hidden values; the caller zeroes them for its dot): for each key j holding one,
+    the rows i that keep j get b_jd times sign(a_ij) where b_jd is +-inf, NaN where b_jd is
+    NaN or a_ij is 0 (0 * inf) or NaN. a (BLOCK_M, BLOCK_N), b (BLOCK_N, E), keep bool
+    (BLOCK_M, BLOCK_N). Loops over the bad keys only (exact pass: rare)."""
+    BLOCK_N: tl.constexpr = b.shape[0]
+    offs = tl.arange(0, BLOCK_N)
+    col_bad = tl.max(bad.to(tl.int32), 1) > 0
+    j = tl.min(tl.where(col_bad, offs, BLOCK_N), 0)
+    while j < BLOCK_N:
+        pick = (offs == j)[None, :] & keep
+        kept_j = tl.max(pick.to(tl.int32), 1) > 0                                        # (BLOCK_M,)
+        a_j = tl.sum(tl.where(pick, a.to(tl.float32), 0.0), 1)
+        sign = tl.where(a_j > 0.0, 1.0, tl.where(a_j < 0.0, -1.0, float("nan")))        # 0 or NaN: NaN
+        b_j = tl.sum(tl.where((offs == j)[:, None] & bad, b.to(tl.float32), 0.0), 0)   # (E,): 0 if finite
+        acc = acc + tl.where(kept_j[:, None] & (b_j != 0.0)[None, :], sign[:, None] * b_j[None, :], 0.0)
+        j = tl.min(tl.where(col_bad & (offs > j), offs, BLOCK_N), 0)
+    return acc
 
 
 @triton.jit
