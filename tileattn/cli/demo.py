@@ -6,6 +6,8 @@ Timing: one warm-up call each (compile, autotune), then the median of repeats fi
 time over tileattn's: above 1.00x tileattn is faster, below it SDPA is.
 """
 
+import os
+
 import torch
 
 from .. import api, reference, tolerance
@@ -79,5 +81,9 @@ def run(args) -> int:
         ours, theirs = _bench(device, dtype, n, d, h, args.seconds)
         speed.add_row(str(n), str(d), str(h), f"{ours:.2f}", f"{theirs:.2f}", f"{theirs / ours:.2f}x")
     console.print(speed)
+    load = os.getloadavg()[0] if device == "cpu" and hasattr(os, "getloadavg") else 0.0
+    if load >= 1.0:  # torch's CPU threads wait on busy cores: many small ops (ours) suffer most
+        console.print(f"[yellow]note: load average {load:.1f} on {os.cpu_count()} cores while timing: CPU times "
+                      "need an idle machine (docs/performance.md); rerun when it is idle[/yellow]")
     console.print("all checks passed" if not failed else "[red]a check FAILED[/red]")
     return 1 if failed else 0

@@ -7,9 +7,11 @@ contiguous and a paged (shuffled 5-token pages) cache (new tokens appended; the 
 must equal the oracle's bitwise), sdpa ((B, H, S, D), Sq = Sk). Features: plain, causal (Sq >
 Sk: rows that see no key), window, softcap, ALiBi, sinks, GQA, dropout, Dv != D. Checked:
 out and lse (c = 2), and for attention, varlen and sdpa the backward's dq, dk, dv, dsinks
-(c = 3). Dtypes: float32 and float16, bfloat16 where the device has it (the Triton
+(c = 3); sdpa has no backend argument and runs backend auto. Dtypes: float32 and float16, bfloat16 where the device has it (the Triton
 interpreter has no correct bf16 dot and refuses it).
 """
+
+import os
 
 import torch
 
@@ -182,6 +184,8 @@ def run(args) -> int:
     from rich.table import Table
 
     device = _device(args.backend)
+    if args.backend == "triton" and device == "cpu":  # read when Triton is first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     dtypes = args.dtype or _dtypes(args.backend, device)
     todo = cases(args.entry or list(SERVES), dtypes)
     console = Console()
