@@ -5,9 +5,9 @@ sinks + sliding window + MoE) is 2 layers of hidden 64, with a window of 8 so th
 exceed it. Logits are judged by RELIABILITY.md's rule: ``ref_hi`` the "eager" model in
 float64 run on each prompt alone, unpadded (RoPE and windows are relative, so its logits are
 the padded rows'; eager float64 itself turns fully masked pad rows into NaN), ``ref_lo`` the
-padded batch in fp32 with transformers' own kernel ("sdpa", or "eager" where sdpa lacks the
-feature), an fp32-level yardstick (``fp32_plain``). Pad rows are left out (their output is
-unused; tileattn gives 0 where torch gives a softmax of all -inf).
+same per-prompt runs in fp32 with transformers' own kernel ("sdpa", or "eager" where sdpa
+lacks the feature), an fp32-level yardstick (``fp32_plain``). Pad rows are left out (their
+output is unused; tileattn gives 0 where torch gives a softmax of all -inf).
 """
 
 import os
@@ -48,7 +48,7 @@ def _registered():
 def calls(monkeypatch):
     """Counts of the tileattn entry points the integration called; "masks": the attn_mask
     shapes given to tileattn.attention (None for no mask)."""
-    counts = {"attention": 0, "attention_with_kvcache": 0}
+    counts = {"attention": 0, "attention_with_kvcache": 0, "attention_varlen": 0}
     masks = []
     for name in list(counts):
         def spy(*args, _fn=getattr(tt, name), _name=name, **kwargs):
@@ -101,10 +101,9 @@ def test_logits_match_with_left_padding(name, calls):
     # plain causal layers get the key padding alone (3, 1, 1, 13); sliding ones the dense mask
     sliding = [False, False] if name == "llama" else [True, True] if name == "mistral" else [True, False]
     assert calls["masks"] == [(3, 1, 13, 13) if s else (3, 1, 1, 13) for s in sliding]
-    lo = _logits(model, ref_impl, ids, mask)
+    lo = _unpadded(model, ref_impl, ids, mask, torch.float32)
     hi = _unpadded(model, "eager", ids, mask, torch.float64)
-    keep = mask.bool()
-    assert_close(f"{name} logits", out[keep], hi, lo[keep], fp32_plain=True)
+    assert_close(f"{name} logits", out[mask.bool()], hi, lo, fp32_plain=True)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gpt_oss"])
@@ -129,7 +128,25 @@ def test_plain_causal_and_decode_paths(calls):
         model.set_attn_implementation("sdpa")
         ref = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(ours, ref)
-    assert calls == {"attention": 2, "attention_with_kvcache": 2 * 3, "masks": [None, None]}  # prefill, 3 steps
+    assert calls == {"attention": 2, "attention_with_kvcache": 2 * 3, "attention_varlen": 0,  # prefill, 3 steps
+                     "masks": [None, None]}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_oss"])
+def test_packed_sequences_with_flash_keywords_run_varlen(name, calls):
+    """Three sequences packed in one row with cu_seq_lens_*: each token sees its own sequence."""
+    model, ref_impl = _model(name, "tileattn")
+    lens = [5, 7, 3]
+    ids = torch.randint(1, 96, (1, sum(lens)))
+    cu = torch.tensor([0, 5, 12, 15])
+    position_ids = torch.cat([torch.arange(n) for n in lens])[None]
+    packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
+    with torch.no_grad():
+        out = model(ids, position_ids=position_ids, use_cache=False, **packed).logits[0]
+        assert calls["attention_varlen"] == 2 and calls["attention"] == 0
+    lo, hi = (torch.cat([_logits(model, impl, seq[None], None, dtype)[0] for seq in ids[0].split(lens)])
+              for impl, dtype in ((ref_impl, torch.float32), ("eager", torch.float64)))
+    assert_close(f"{name} packed logits", out, hi, lo, fp32_plain=True)
 
 
 @pytest.mark.parametrize("lens", [[10, 10], [10, 5]], ids=["unpadded", "left_padded"])
@@ -193,10 +210,9 @@ def test_bf16_logits_and_generate_gpu(name):
     model.cuda()
     ids, mask = (t.cuda() for t in _prompts([40, 23, 1], 40))
     hi = _unpadded(model, "eager", ids, mask, torch.float64)
-    lo = _logits(model, ref_impl, ids, mask, torch.bfloat16)
+    lo = _unpadded(model, ref_impl, ids, mask, torch.bfloat16)
     out = _logits(model, "tileattn", ids, mask, torch.bfloat16)
-    keep = mask.bool()
-    assert_close(f"{name} bf16 logits", out[keep], hi, lo[keep])
+    assert_close(f"{name} bf16 logits", out[mask.bool()], hi, lo)
     kw = dict(attention_mask=mask[:2], max_new_tokens=8, do_sample=False)
     with torch.no_grad():
         ours = model.generate(ids[:2], **kw)

@@ -17,8 +17,11 @@ True = attend), except padding under a plain causal mask (below). How each call 
 - padding under a plain causal mask, queries the last positions (dynamic cache, no cache):
   :func:`mask_forward` returns the key-padding mask (B, Sk) alone, and the layer runs
   ``causal=True`` with it broadcast as (B, 1, 1, Sk), never a dense (B, 1, Sq, Sk) mask;
-- any other mask (sliding window with padding, static cache, packing, custom mask functions):
-  :func:`tileattn.attention` with the dense mask as ``attn_mask``.
+- packed sequences with flash-attn's keywords (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``,
+  batch 1, as transformers' flattening collator gives them): :func:`tileattn.attention_varlen`;
+  the mask is then not read;
+- any other mask (sliding window with padding, static cache, packing without those keywords,
+  custom mask functions): :func:`tileattn.attention` with the dense mask as ``attn_mask``.
 
 Every path takes GQA heads as they come (no ``repeat_kv``), ``softcap`` (Gemma 2), sinks
 (``s_aux``, gpt-oss), ``scaling``, ``dropout`` (the model passes 0 outside training) and
@@ -27,7 +30,7 @@ Every path takes GQA heads as they come (no ``repeat_kv``), ``softcap`` (Gemma 2
 
 import torch
 
-from ..api import attention, attention_with_kvcache
+from ..api import attention, attention_varlen, attention_with_kvcache
 
 NAME = "tileattn"
 
@@ -82,6 +85,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    sinks = None if s_aux is None else s_aux.to(torch.float32)
+    varlen = [kwargs.get(n) for n in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if all(x is not None for x in varlen) and q.shape[0] == 1 and position_bias is None:
+        cu_q, cu_k, max_q, max_k = varlen
+        window = (sliding_window - 1, 0 if is_causal else -1) if sliding_window else (-1, -1)
+        out = attention_varlen(q[0], k[0], v[0], cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
+                               causal=is_causal, scale=scaling, window=window, softcap=softcap or 0.0, sinks=sinks,
+                               dropout_p=dropout)
+        return out[None], None
     sq = q.shape[1]
     top_left = is_causal and attention_mask is None and sq > 1  # transformers' "sdpa" rule without a mask
     causal, window_ok = top_left, attention_mask is None
@@ -95,8 +107,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         attention_mask = create_position_bias_mask(position_bias, attention_mask, top_left, query, k.transpose(1, 2))
         causal = causal and not top_left  # the mask now holds top-left causality; key padding keeps causal
     window = (sliding_window - 1, 0 if causal else -1) if sliding_window and window_ok else (-1, -1)
-    keywords = dict(scale=scaling, window=window, softcap=softcap or 0.0,
-                    sinks=None if s_aux is None else s_aux.to(torch.float32))
+    keywords = dict(scale=scaling, window=window, softcap=softcap or 0.0, sinks=sinks)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if sq == 1 and attention_mask is None and not dropout and not grad:
         out = attention_with_kvcache(q, k, v, cache_seqlens=k.shape[1], causal=False, **keywords)
