@@ -219,3 +219,18 @@ def test_bf16_logits_and_generate_gpu(name):
         model.set_attn_implementation(ref_impl)
         ref = model.generate(ids[:2], **kw)
     assert torch.equal(ours, ref)
+
+
+@pytest.mark.gpu
+def test_static_cache_compiled_generate_gpu():
+    """Static cache + torch.compile(fullgraph=True) of the forward: same tokens as sdpa."""
+    model, _ = _model("llama", "sdpa")
+    model.cuda().to(torch.bfloat16)
+    ids, mask = (t.cuda() for t in _prompts([12, 7], 12))
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        model.set_attn_implementation("tileattn")
+        model.forward = torch.compile(model.forward, fullgraph=True)
+        ours = model.generate(ids, **kw)
+    assert torch.equal(ours, ref)
