@@ -14,6 +14,8 @@ under its reason (the message). Bad input therefore raises torch's own error.
 
 Patches nest (a count): the original is restored when the last one ends, or at once by
 ``unpatch_sdpa()``. Install and removal hold a lock; the counters are best-effort under threads.
+Under ``torch.compile`` the router is traced (``fullgraph=True`` works) and the counters count
+traces, not calls.
 """
 
 import threading
