@@ -286,11 +286,15 @@ def _decode_args(case):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("case", sorted(DECODE))
-def test_decode_features_vs_oracle(case, backend):
+def test_decode_features_vs_oracle(case, backend, device):
+    """Triton runs on the test device (the interpreter on CPU); the oracle on CPU."""
     kc, vc, paged, kw = _decode_args(case)
     q, k, v = randn((3, 3, 4, 24), torch.float32, "cpu"), *(randn((3, 3, 2, 24), torch.float32, "cpu") for _ in "kv")
     k_ref, v_ref = kc.clone(), vc.clone()
     out_hi, lse_hi = reference.attention_with_kvcache(q, k_ref, v_ref, k, v, **kw)
+    dev = device if backend == "triton" else "cpu"
+    q, k, v, kc, vc = (t.to(dev) for t in (q, k, v, kc, vc))
+    kw = {n: t.to(dev) if isinstance(t, torch.Tensor) else t for n, t in kw.items()}
     table = None
     if paged:
         kc, table = to_paged(kc, 5)
@@ -301,7 +305,7 @@ def test_decode_features_vs_oracle(case, backend):
     assert_close("lse", lse, lse_hi, None, dtype=torch.float32)
     if not paged:  # the (rotated) new keys landed in the right rows and slots, nothing else moved
         assert_close("k_cache", kc, k_ref, None)
-        assert torch.equal(vc, v_ref)
+        assert torch.equal(vc.cpu(), v_ref)
 
 
 def test_decode_features_through_flash_attn_names():
