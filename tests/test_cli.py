@@ -126,6 +126,27 @@ def test_plan_cpu_by_hand(tmp_path):
     }
 
 
+def test_plan_decode_by_hand(tmp_path):
+    """bf16 decode on the H200 preset, Hq=32 Hkv=8 D=128: batch 1 x 4k keys takes 16 splits (64-key
+    tiles) and a combine pass; batch 16 x 32k one split (128-key tiles)."""
+    base = ["plan", "--decode", "--seqlen", "1", "--heads", "32", "--kv-heads", "8", "--head-dim", "128",
+            "--preset", "h200"]
+    rc, out = _run(base + ["--seqlen-k", "4096"], tmp_path)
+    assert rc == 0, out[-2000:]
+    kv, q, lse = 4096 * 8 * 128, 32 * 128, 32  # per sequence: K (= V) and q (= out) elements, fp32 lse
+    nums = _plan_numbers(out)
+    assert nums["SRAM per program, forward"] == 2 * (16 * 128 + 3 * 64 * 256)  # q tile + 3 stages of 64-key K, V
+    assert nums["HBM bytes, forward"] == 2 * (2 * q + 2 * kv) + 4 * lse + 2 * 4 * lse * 16 * 129  # + partials
+    assert "splits=16" in out and re.search(r"passes \(forward; backward\)\W+2; -", out)
+    rc, out = _run(base + ["--seqlen-k", "32768", "--batch", "16"], tmp_path)
+    assert rc == 0, out[-2000:]
+    nums = _plan_numbers(out)
+    assert nums["SRAM per program, forward"] == 2 * (16 * 128 + 3 * 128 * 256)
+    assert nums["HBM bytes, forward"] == 16 * (2 * (2 * q + 2 * 32768 * 8 * 128) + 4 * lse)
+    assert nums["FLOPs, forward"] == 2 * 16 * 32 * 32768 * 256
+    assert "splits=1 " in out and "memory-bound" in out
+
+
 def test_estimate_dataclass():
     import torch
 

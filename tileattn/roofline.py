@@ -23,7 +23,13 @@ V = B*Sk*Hkv*Dv, O = B*Sq*Hq*Dv elements; L = B*Hq*Sq fp32 row statistics; S = B
   (``configs.forward_smem``/``dq_smem``/``dkdv_smem``: q tile + num_stages K/V tiles);
   CPU backend, the fp32 working set of one (batch, KV head) tile: ``4 * (R*D + N*(D+Dv) +
   R*N + R*Dv)`` with R = G * min(Sq, BLOCK_ROWS // G) packed rows, N = min(Sk, BLOCK_N) keys.
-- Predicted time: ``max(flops / peak FLOP/s, bytes / peak bytes/s)`` at the preset's ceilings.
+- Decode (``decode=True``: ``attention_with_kvcache``, Sq = new tokens, Sk = attended keys,
+  causal): FLOPs as the forward; HBM bytes as the forward plus, with S > 1 splits, the fp32
+  partials written and read by the combine, ``2 * 4 * B*Sq*Hq * S * (Dv + 1)``; passes 1, or
+  2 with the combine; SRAM of the decode program as the forward's model with its config.
+  CPU backend: one (batch, KV head) tile of G*Sq rows x min(Sk, 256) keys.
+- Predicted time: ``max(flops / peak FLOP/s, bytes / peak bytes/s)`` at the preset's ceilings
+  (the copy ceiling counts read + write; a read-only stream like decode can beat it slightly).
 """
 
 from dataclasses import dataclass, replace
@@ -126,13 +132,28 @@ def local_preset() -> str:
                      f"(one of {', '.join(PRESETS)})")
 
 
-def _triton_plan(p, dtype, shape, backward, spec_kw):
+def _triton_decode(plan, C, target, q, k, v, es, spec_kw):
+    d = plan.kvcache_plan(q, k, v, target=target)
+    c, splits = d.config, d.num_splits
+    kw = {n: x for n, x in spec_kw.items() if n != "dropout_p"}
+    return dict(variant=f"_decode_kernel (split-KV, {'paged' if d.paged else 'contiguous'}): grid (B*Hkv, {splits} "
+                        f"split(s), {d.m_blocks} row block(s)), G*Sq query rows packed per program"
+                        + (", then _combine_kernel" if splits > 1 else ""),
+                blocks=f"{c} splits={splits}", why="; ".join(d.why),
+                describe=plan.describe_kvcache(q, k, v, target=target, **kw),
+                sram_bytes=C.forward_smem(c, plan.head_block(q.shape[-1]), plan.head_block(v.shape[-1]), es),
+                passes=1 + (splits > 1), splits=splits)
+
+
+def _triton_plan(p, dtype, shape, backward, decode, spec_kw):
     from . import plan
     B, Sq, Sk, Hq, Hkv, D, Dv = shape
     meta = dict(device="meta", dtype=dtype)
     q, k, v = torch.empty(B, Sq, Hq, D, **meta), torch.empty(B, Sk, Hkv, D, **meta), torch.empty(B, Sk, Hkv, Dv, **meta)
     target = plan.Target(p.target, f"{p.desc} (preset {p.name})", p.num_sms)
     from .backends.triton.plan import configs as C
+    if decode:
+        return _triton_decode(plan, C, target, q, k, v, dtype.itemsize, spec_kw)
     fwd = plan.forward_plan(q, k, v, target=target, **spec_kw)
     es, c = dtype.itemsize, fwd.configs[0]
     out = dict(variant=f"_fwd_kernel (dense, {'TMA' if fwd.use_tma else 'pointer'} loads): one program per BLOCK_M "
@@ -147,10 +168,17 @@ def _triton_plan(p, dtype, shape, backward, spec_kw):
     return out
 
 
-def _cpu_plan(shape, backward):
+def _cpu_plan(shape, backward, decode):
     from .backends.cpu import _tiles
+    from .backends.cpu import decode as cpu_decode
     B, Sq, Sk, Hq, Hkv, D, Dv = shape
     g = Hq // Hkv
+    if decode:
+        rows, keys = g * Sq, min(Sk, cpu_decode.BLOCK_N)
+        return dict(variant="CPU backend decode: per sequence, online softmax over key tiles (fp32)",
+                    blocks=f"rows={rows} keys={keys}", why=f"G*Sq = {rows} packed rows per KV head, BLOCK_N="
+                    f"{cpu_decode.BLOCK_N} keys per tile", describe="tileattn CPU backend decode (split-KV merged by lse)",
+                    sram_bytes=4 * (rows * D + keys * (D + Dv) + rows * keys + rows * Dv), passes=1)
     rows, keys = g * min(Sq, max(1, _tiles.BLOCK_ROWS // g)), min(Sk, _tiles.BLOCK_N)
     tile = 4 * (rows * D + keys * (D + Dv) + rows * keys + rows * Dv)
     text = (f"tileattn CPU backend: tiles of {rows} packed rows ({g} query heads x {rows // g} rows of one KV head) "
@@ -165,14 +193,19 @@ def _cpu_plan(shape, backward):
 
 
 def estimate(B, Sq, Sk, Hq, Hkv, D, Dv=None, *, dtype=torch.bfloat16, causal=False, window=(-1, -1),
-             softcap=0.0, alibi=False, sinks=False, dropout_p=0.0, backward=False, preset=None,
+             softcap=0.0, alibi=False, sinks=False, dropout_p=0.0, backward=False, decode=False, preset=None,
              measure=False) -> PlanReport:
     """Plan, memory, FLOPs and predicted time of ``tileattn.attention`` on q (B, Sq, Hq, D),
     k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) (Dv defaults to D) with these features (``alibi``,
     ``sinks``: whether the call passes them). ``preset``: one of :data:`PRESETS` (default:
     this machine's); GPU presets need Triton (the planner's tables). ``measure``: also time the
-    call here (random inputs; needs the preset to be this machine's)."""
+    call here (random inputs; needs the preset to be this machine's). ``decode``: plan
+    ``attention_with_kvcache`` of Sq new tokens over Sk cached keys instead (causal, no
+    backward or dropout)."""
     Dv = Dv or D
+    if decode and (backward or dropout_p or measure):
+        raise ValueError("tileattn: a decode estimate has no backward, dropout or measure")
+    causal = causal or decode
     if Hq % Hkv:
         raise ValueError(f"tileattn: Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
     name = preset or local_preset()
@@ -181,12 +214,13 @@ def estimate(B, Sq, Sk, Hq, Hkv, D, Dv=None, *, dtype=torch.bfloat16, causal=Fal
     p, shape = PRESETS[name], (B, Sq, Sk, Hq, Hkv, D, Dv)
     spec_kw = dict(causal=causal, window=tuple(window), softcap=softcap, dropout_p=dropout_p,
                    alibi_slopes=torch.zeros(Hq) if alibi else None, sinks=torch.zeros(Hq) if sinks else None)
-    planned = _triton_plan(p, dtype, shape, backward, spec_kw) if p.target else _cpu_plan(shape, backward)
+    planned = _triton_plan(p, dtype, shape, backward, decode, spec_kw) if p.target else _cpu_plan(shape, backward, decode)
+    splits = planned.pop("splits", 1)
     es = dtype.itemsize
     Q, K, V, O = B * Sq * Hq * D, B * Sk * Hkv * D, B * Sk * Hkv * Dv, B * Sq * Hq * Dv
     L, S = B * Hq * Sq, B * Hq * Sq * Sk
     flops = 2 * B * Hq * kept_pairs(Sq, Sk, (window[0], 0) if causal else tuple(window)) * (D + Dv)
-    hbm = es * (Q + K + V + O) + 4 * L
+    hbm = es * (Q + K + V + O) + 4 * L + (8 * L * splits * (Dv + 1) if splits > 1 else 0)
     peak = (p.tflops16 if es == 2 and p.target else p.tflops32) * 1e12
     t_flops, t_bytes = flops / peak, hbm / (p.gbps * 1e9)
     bwd_flops = int(2.5 * flops) if backward else None

@@ -4,9 +4,11 @@ passes, and the predicted time at the device's ceilings (``--measure``: measured
 
     tileattn plan --batch 2 --seqlen 4096 --heads 16 --head-dim 128 --causal --backward --preset h200
     tileattn plan --seqlen 100 --seqlen-k 300 --heads 8 --kv-heads 2 --head-dim 64 --dtype float32 --preset cpu
+    tileattn plan --decode --batch 16 --seqlen 1 --seqlen-k 32768 --heads 32 --kv-heads 8 --head-dim 128 --preset h200
 
 The same numbers from Python: ``tileattn.plan.estimate(...)`` -> ``PlanReport`` (its module,
-``tileattn/roofline.py``, writes out every formula). Presets: h200, h100, a100, cpu; default:
+``tileattn/roofline.py``, writes out every formula); ``--decode`` plans a KV-cache step (split
+count, key tile, combine pass) instead. Presets: h200, h100, a100, cpu; default:
 this machine's device.
 """
 
@@ -33,6 +35,8 @@ def add_arguments(p):
     p.add_argument("--sinks", action="store_true")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--backward", action="store_true", help="also the backward's plan and numbers")
+    p.add_argument("--decode", action="store_true",
+                   help="plan attention_with_kvcache: --seqlen new tokens over --seqlen-k cached keys")
     p.add_argument("--preset", choices=list(PRESETS), help="device to plan for (default: this machine's)")
     p.add_argument("--measure", action="store_true", help="time the call on this machine too")
     p.add_argument("--verbose", action="store_true", help="print the planner's full text")
@@ -85,7 +89,8 @@ def run(args) -> int:
     r = estimate(args.batch, args.seqlen, args.seqlen_k or args.seqlen, args.heads, args.kv_heads or args.heads,
                  args.head_dim, args.head_dim_v, dtype=_DTYPES[args.dtype], causal=args.causal,
                  window=tuple(args.window), softcap=args.softcap, alibi=args.alibi, sinks=args.sinks,
-                 dropout_p=args.dropout, backward=args.backward, preset=args.preset, measure=args.measure)
+                 dropout_p=args.dropout, backward=args.backward, decode=args.decode, preset=args.preset,
+                 measure=args.measure)
     table = Table(title="tileattn plan", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
