@@ -17,8 +17,6 @@ Two kinds, all through the public API:
   scales out; forward and deterministic backward are bitwise reproducible.
 
 Triton runs in the interpreter on CPU (fewer examples: it is slow), compiled on CUDA.
-Properties that fail today because of an issue-17 bug being fixed are ``xfail(strict=True)``
-for the backends concerned (``xfail17``); the marks go when the fixes land.
 """
 
 import math
@@ -53,12 +51,6 @@ def prop(cpu=25, triton=4, **strategies):
         test.__name__, test.__qualname__, test.__doc__ = body.__name__, body.__qualname__, body.__doc__
         return test
     return wrap
-
-
-def xfail17(cls, backends=BACKENDS):
-    """Backend params of a property that fails today because of an issue-17 bug being fixed."""
-    mark = pytest.mark.xfail(strict=True, reason=f"issue 17: {cls}, being fixed")
-    return [pytest.param(b, marks=mark if b in backends else ()) for b in BACKENDS]
 
 
 # ----------------------------------------------------------------------------- random problems
@@ -225,8 +217,7 @@ def test_random_problem_matches_oracle(backend, p):
     _oracle_case(p, backend)
 
 
-@pytest.mark.parametrize("backend", xfail17("scale and magnitude (class 2: Triton backward at |lse| >> 1)",
-                                            ["triton"]))
+@pytest.mark.parametrize("backend", BACKENDS)
 @prop(cpu=25, triton=8, p=problems(big=True))
 def test_large_scales_match_oracle(backend, p):
     """As above with |scale| from 1e-3 to 1e4, both signs (|scores| up to ~1e5)."""

@@ -33,6 +33,7 @@ from torch import Tensor
 
 LOG2E = 1.4426950408889634  # log2(e): kernels work in base 2 (exp2), lse leaves in natural log
 LN2 = 0.6931471805599453
+LSE_EXACT = 64.0  # above this |lse * log2(e)| a backward recomputes its rows' statistics (backends' [Note] large lse)
 WINDOW_CLAMP = 2**30  # a window wider than any |i + off - j| is the same window; keeps int32 math exact
 
 

@@ -35,10 +35,10 @@ Non-finite k or v in a slab switch its tiles to the exact path (``score``'s [Not
 
 import torch
 
+from tileattn.score import LSE_EXACT
+
 from . import _tiles, score
 from ._tiles import LOG2E, NEG_INF, Tiles
-
-LSE_EXACT = 64.0  # [Note] large lse: above this |lse2| a block recomputes its row statistics
 
 
 @torch.no_grad()

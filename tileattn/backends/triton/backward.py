@@ -1,7 +1,8 @@
 """Triton flash-attention backward: the contract's ``backward`` (dense and varlen), launcher only.
 
 Kernels live in ``backward_kernels.py`` (dQ over query blocks, which also writes lse * log2(e)
-and delta = rowsum(out * dout) to padded buffers, then dK/dV over key blocks). Inputs follow
+and delta = rowsum(out * dout) to padded buffers (exact row statistics where |lse| is large),
+then dK/dV over key blocks). Inputs follow
 ``tileattn.backends``: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv), dout/out
 (B, Sq, Hq, Dv), lse fp32 (B, Hq, Sq) [varlen: (Tq, Hq, D), (Tk, Hkv, D[v]), lse (Hq, Tq)], any
 strides. Returns dq, dk, dv contiguous in their inputs' dtypes, dsinks fp32 (Hq,) or None,
@@ -10,7 +11,8 @@ dmask fp32 (B, Hq, Sq, Sk) or None.
 Determinism: there are no atomics anywhere and every gradient element is produced by one
 program in a fixed order, so gradients are bitwise reproducible for any ``deterministic``
 (the autotuner's choice is cached per shape bucket, so repeated calls run the same config).
-dsinks_h = -sum_i exp(sink_h - lse_i) * delta_i is a plain torch reduction (deterministic).
+dsinks_h = -sum_i exp(sink_h - lse_i) * delta_i: the dQ kernel stores each row's term (its
+P_sink from the exact row statistics), a plain torch sum adds them (deterministic).
 
 Configs, tile loads (TMA or pointers) and head grouping come from the planner
 (``plan.plan_backward``; ``tileattn.plan.describe(..., backward=True)`` prints them).
@@ -88,13 +90,14 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
     rows = q.shape[0] + batch * ROW_PAD if varlen else batch * stat_stride_b
     lse2_pad = torch.empty((hq, rows), dtype=torch.float32, device=q.device)
     delta_pad = torch.empty_like(lse2_pad)
+    log_l_pad = torch.empty_like(lse2_pad)  # backward_kernels [Note] large lse
     sink_delta = torch.empty_like(lse) if sinks is not None else lse  # not written without sinks
     # dQ first: it writes lse2 and delta = rowsum(out * dout), which the dK/dV kernel reads
     kernel, meta = _plan.kernel_for(_bwd_dq_kernel, "dq", bplan.dq.configs, bplan.dq.autotune, features)
     kernel = fast(kernel)
     kernel[lambda m: (cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
-        q, k, v, dout, out, lse, lse2_pad, delta_pad, sink_delta, dq, dmask, alibi_slopes, attn_mask,
-        cu_seqlens_q, cu_seqlens_k, *common, *_strides(out, varlen), *_strides(dq, varlen),
+        q, k, v, dout, out, lse, lse2_pad, delta_pad, log_l_pad, sinks, sink_delta, dq, dmask, alibi_slopes,
+        attn_mask,        cu_seqlens_q, cu_seqlens_k, *common, *_strides(out, varlen), *_strides(dq, varlen),
         stride_lb, stride_lh, stat_stride_b, rows, *tail,
         hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q,
         dq_group,
@@ -103,15 +106,13 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
     kernel, meta = _plan.kernel_for(_bwd_dkdv_kernel, "dkdv", bplan.dkdv.configs, bplan.dkdv.autotune, features)
     kernel = fast(kernel)
     kernel[lambda m: (cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
-        q, k, v, dout, lse2_pad, delta_pad, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, dout, lse2_pad, delta_pad, log_l_pad, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
         *common, *_strides(dk, varlen), *_strides(dv, varlen), stat_stride_b, rows, *tail,
         hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k,
         dkdv_group,
         *scalars, **flags, **meta)
 
     dsinks = None
-    if sinks is not None:  # P_sink,i = exp(sink - lse_i) times dS = 0 - delta_i (from fp32 p * dp)
-        sink = sinks.float().view(-1, 1) if varlen else sinks.float().view(1, -1, 1)
-        p_sink = torch.exp(sink - lse).masked_fill(sink == float("-inf"), 0.0)  # a -inf sink has no term
-        dsinks = -(p_sink * sink_delta).sum(dim=1 if varlen else (0, 2))
+    if sinks is not None:  # row terms P_sink,i * delta_i (delta from fp32 p * dp), from the dQ kernel
+        dsinks = -sink_delta.sum(dim=1 if varlen else (0, 2))
     return dq, dk, dv, dsinks, dmask

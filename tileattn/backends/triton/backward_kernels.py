@@ -58,14 +58,23 @@ Sub notation (on top of ``score.py``'s ``i, j, diag, qk, t, region``)::
     b * stat_stride_b + q_start_b + r: dense, stat_stride_b = Sq rounded up to ROW_PAD (q_start
     0); varlen, stat_stride_b = ROW_PAD after cu_seqlens_q[b] (Tq + B * ROW_PAD rows per head,
     not B * max_seqlen_q, so skewed lengths cost no memory).
+
+[Note] large lse
+    P = exp2(t - lse2) subtracts two numbers of the scores' magnitude, and the saved fp32 lse
+    is only known to ~|lse2| * 2^-23: at |lse2| ~ 1e5 every P is off by ~1%. A dQ program
+    whose rows reach |lse2| > LSE_EXACT first re-runs the forward's online softmax over its
+    keys (:func:`_row_stats`: the row max M, one of the same t bits, and log2 l) and stores
+    M in place of lse2 with log2 l beside it (0 elsewhere); its dq, and the dK/dV of every key
+    block that meets such a row, come from the exact pass with P = exp2((t - M) - log2 l),
+    exact to fp32 rounding at any magnitude. Other rows keep the saved lse (the same bits).
 """
 
 import triton
 import triton.language as tl
 
-from tileattn.backends.triton.score import (LOG2E, add_nonfinite, any_nonfinite, block_ranges, dropout_keep, head_terms,
-                                            keep_tile, load_mask_tile, load_rows, nonfinite, score_and_dcap,
-                                            seq_bounds)
+from tileattn.backends.triton.score import (LOG2E, LSE_EXACT, add_nonfinite, any_nonfinite, block_ranges, dropout_keep,
+                                            head_terms, keep_tile, load_mask_tile, load_rows, nonfinite,
+                                            score_and_dcap, seq_bounds, softmax_init, softmax_step)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -134,24 +143,58 @@ def _load_lse2(lse_base, offs, seqlen):
 
 
 @triton.jit
-def _store_row_stats(lse2_row, delta_row, lse2, delta, m0, seqlen, BLOCK_M: tl.constexpr, ROW_PAD: tl.constexpr):
-    """Store a row block's lse2 and delta at rows [m0, m0+BLOCK_M) of one (head, sequence)'s
-    padded rows; the sequence's last row block also fills the rows after it, up to seqlen
-    rounded up to ROW_PAD, with +inf / 0 ([Note] padded row stats)."""
+def _store_row_stats(lse2_row, delta_row, log_l_row, lse2, delta, log_l, m0, seqlen, BLOCK_M: tl.constexpr,
+                     ROW_PAD: tl.constexpr):
+    """Store a row block's lse2, delta and log2(l) at rows [m0, m0+BLOCK_M) of one (head,
+    sequence)'s padded rows; the sequence's last row block also fills the rows after it, up to
+    seqlen rounded up to ROW_PAD, with +inf / 0 / 0 ([Note] padded row stats, [Note] large lse)."""
     offs = tl.arange(0, BLOCK_M)
     tl.store(lse2_row + m0 + offs, lse2)
     tl.store(delta_row + m0 + offs, delta)
+    tl.store(log_l_row + m0 + offs, log_l)
     if m0 + BLOCK_M >= seqlen:
         for r in range(m0 + BLOCK_M, tl.cdiv(seqlen, ROW_PAD) * ROW_PAD, BLOCK_M):
             tl.store(lse2_row + r + offs, tl.full([BLOCK_M], float("inf"), tl.float32))
             tl.store(delta_row + r + offs, tl.zeros([BLOCK_M], tl.float32))
+            tl.store(log_l_row + r + offs, tl.zeros([BLOCK_M], tl.float32))
+
+
+@triton.jit
+def _row_stats(q, k_src, offs_m, m0, seqlen_q, seqlen_k, diag, ranges, stride_kn, mask_base, stride_mm,
+               stride_mn, alibi_log2, sink_log2, qk_scale, softcap_scale, softcap_log2, window_left, window_right,
+               HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
+               HAS_RIGHT: tl.constexpr, SINKS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(M, log2 l) (BLOCK_M,) of rows offs_m: the forward's online softmax re-run over the kept
+    keys with the backward's t bits ([Note] large lse); an empty row gives (+inf, 0), so P = 0."""
+    m_i, l_i = softmax_init(sink_log2, BLOCK_M, SINKS)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for region in tl.static_range(1 - HAS_LEFT, 3):
+        for n0 in range(ranges[region], ranges[region + 1], BLOCK_N):
+            n0 = tl.multiple_of(n0, BLOCK_N)
+            offs_n = n0 + offs_n0
+            if USE_TMA:
+                k = k_src.load([n0, 0])
+            else:
+                k = load_rows(k_src, n0, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, True, HEAD_D != BLOCK_D)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k,
+                                       BLOCK_M, BLOCK_N, MASK_KIND)
+            t, _ = score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2, alibi_log2,
+                                  mask_tile, SOFTCAP, ALIBI, MASK_KIND)
+            keep = keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if MASK_KIND == 1:
+                keep = keep & (mask_tile != 0)
+            _, _, m_i, l_i = softmax_step(tl.where(keep, t, float("-inf")), 1.0, m_i, l_i, True)
+    empty = l_i == 0.0
+    return tl.where(empty, float("inf"), m_i), tl.where(empty, 0.0, tl.math.log2(tl.where(empty, 1.0, l_i)))
 
 
 # ----------------------------------------------------------------------------- dK / dV
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
+def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, LogLPad, DK, DV, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
@@ -193,11 +236,14 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
         offs_m0 = tl.arange(0, BLOCK_M)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        # Pass 1 (score [Note] hidden values) recomputes dk, dv with ds kept to kept pairs; it
-        # runs only when pass 0 left a non-finite dk.
-        for exact in tl.static_range(1 + (MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT)):
+        # Pass 1 recomputes dk, dv when pass 0 met a row of a big block ([Note] large lse: P from
+        # M and log2 l) or left a non-finite dk (score [Note] hidden values: ds kept to kept pairs).
+        big = tl.zeros([], tl.int1)
+        for exact in tl.static_range(2):
             if exact:
-                redo = any_nonfinite(dk)
+                redo = big
+                if MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT:
+                    redo = redo | any_nonfinite(dk)
             else:
                 redo = True
             if redo:
@@ -216,6 +262,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
                     stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
                     lse2_row = Lse2Pad + stats
                     delta_row = DeltaPad + stats
+                    log_l_row = LogLPad + stats
                     mask_base, alibi_log2 = head_terms(Mask, Slopes, b64, h64, stride_mb, stride_mh, stride_ab,
                                                        stride_ah, MASK_KIND, ALIBI)
                     # transposed regions (see ranges above); the window cuts edge tiles (region != 1: keep_tile)
@@ -233,7 +280,12 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
                                                    BLOCK_N, BLOCK_M, MASK_KIND)
                             tT, dcapT = score_and_dcap(qkT, offs_n, offs_m, -diag, qk_scale, softcap_scale,
                                                        softcap_log2, alibi_log2, maskT, SOFTCAP, ALIBI, MASK_KIND)
-                            pT = tl.math.exp2(tT - lse2[None, :])
+                            log_l = tl.load(log_l_row + offs_m)
+                            if exact:
+                                pT = tl.math.exp2((tT - lse2[None, :]) - log_l[None, :])
+                            else:
+                                big = big | (tl.max(log_l, 0) != 0.0)
+                                pT = tl.math.exp2(tT - lse2[None, :])
                             if region != 1 or exact:
                                 keepT = keep_tile(offs_n, offs_m, -diag, seqlen_q, window_right, window_left,
                                                   HAS_RIGHT, HAS_LEFT)
@@ -269,8 +321,8 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, DK, DV, Slopes, Mask, CuS
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DMask, Slopes, Mask,
-                   CuSeqlensQ, CuSeqlensK,
+def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, LogLPad, Sinks, SinkDelta, DQ, DMask, Slopes,
+                   Mask, CuSeqlensQ, CuSeqlensK,
                    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                    stride_ob, stride_om, stride_oh, stride_dqb, stride_dqm, stride_dqh,
@@ -289,11 +341,11 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
     Program order: ``_block_and_head`` (head_group heads at a time, sharing K/V in L2); with
     HAS_RIGHT the row blocks are reversed so the longest rows start first. DMask (MASK_GRAD,
     dense only): contiguous fp32 (B, Hq, Sq, Sk), zero-filled by the launcher; this kernel
-    writes the tiles it visits. SINKS: SinkDelta (laid out like Lse) gets sum_j P dP from fp32 p and dp,
-    so dsinks does not inherit out's rounding: with few keys that rounding alone exceeds the fp16
-    tolerance. Lse2Pad / DeltaPad get lse * log2(e) and rowsum(Out * DOut) of the program's rows
-    and the sequence's padding ([Note] padded row stats); re-running the kernel (autotuning)
-    writes the same values.
+    writes the tiles it visits. SINKS: SinkDelta (laid out like Lse) gets P_sink * sum_j P dP from
+    fp32 p and dp, so dsinks does not inherit out's rounding: with few keys that rounding alone
+    exceeds the fp16 tolerance. Lse2Pad / DeltaPad / LogLPad get lse * log2(e) (or M) and
+    rowsum(Out * DOut) (and log2 l) of the program's rows and the sequence's padding ([Note]
+    padded row stats, [Note] large lse); re-running the kernel (autotuning) writes the same values.
     """
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
     pid_m, off_bh = _block_and_head(tl.program_id(0), num_m, head_group)
@@ -317,8 +369,6 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # 0 past seqlen_q (masked loads)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         lse2 = _load_lse2(Lse + b64 * stride_lb + h64 * stride_lh + q0, offs_m, seqlen_q)
-        stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
-        _store_row_stats(Lse2Pad + stats, DeltaPad + stats, lse2, delta, m0, seqlen_q, BLOCK_M, ROW_PAD)
         k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
         v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
         k_src, v_src = _tile_sources(k_base, v_base, seqlen_k, stride_kn, stride_vn,
@@ -332,17 +382,37 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
         diag = seqlen_k - seqlen_q
         ranges = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
                               HAS_LEFT, HAS_RIGHT, False)
+        # [Note] large lse: big blocks take M (in lse2's place) and log2 l from _row_stats
+        big = tl.max(tl.where(lse2 == float("inf"), 0.0, tl.abs(lse2)), 0) > LSE_EXACT
+        log_l = tl.zeros([BLOCK_M], tl.float32)
+        if SINKS:
+            sink_log2 = tl.load(Sinks + off_h) * LOG2E
+        else:
+            sink_log2 = 0.0
+        if big:
+            row_m, row_l = _row_stats(q, k_src, offs_m, m0, seqlen_q, seqlen_k, diag, ranges, stride_kn, mask_base,
+                                      stride_mm, stride_mn, alibi_log2, sink_log2, qk_scale, softcap_scale,
+                                      softcap_log2, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_N, BLOCK_D,
+                                      SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT, SINKS, USE_TMA, DOT_PREC)
+            log_l = tl.where(lse2 == float("inf"), 0.0, row_l)
+            lse2 = tl.where(lse2 == float("inf"), lse2, row_m)
+        stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
+        _store_row_stats(Lse2Pad + stats, DeltaPad + stats, LogLPad + stats, lse2, delta, log_l, m0, seqlen_q,
+                         BLOCK_M, ROW_PAD)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         pdp = tl.zeros([BLOCK_M], tl.float32)  # SINKS: sum_j p * dp, delta without out's rounding (dsinks)
         offs_n0 = tl.arange(0, BLOCK_N)
         # regions (score.py) as the forward's; in edge tiles (region != 1) keys past seqlen_k must be
-        # zeroed by keep_tile since their p may overflow. Pass 1 (score [Note] hidden values) runs
-        # only when pass 0 left a non-finite dq: ds kept to kept pairs, a non-finite key contained.
-        for exact in tl.static_range(1 + (MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT)):
+        # zeroed by keep_tile since their p may overflow. Pass 1 runs for big blocks ([Note] large
+        # lse; pass 0 does not) and when pass 0 left a non-finite dq (score [Note] hidden values): ds
+        # kept to kept pairs, a non-finite key contained.
+        for exact in tl.static_range(2):
             if exact:
-                redo = any_nonfinite(dq)
+                redo = big
+                if MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT:
+                    redo = redo | any_nonfinite(dq)
             else:
-                redo = True
+                redo = big == 0
             if redo:
                 if exact:
                     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -358,7 +428,10 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
                                                    BLOCK_M, BLOCK_N, MASK_KIND)
                         t, dcap = score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2,
                                                  alibi_log2, mask_tile, SOFTCAP, ALIBI, MASK_KIND)
-                        p = tl.math.exp2(t - lse2[:, None])
+                        if exact:
+                            p = tl.math.exp2((t - lse2[:, None]) - log_l[:, None])
+                        else:
+                            p = tl.math.exp2(t - lse2[:, None])
                         if region != 1 or exact:
                             keep = keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
                                              HAS_RIGHT)
@@ -394,7 +467,9 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, SinkDelta, DQ, DM
                                 dq = add_nonfinite(dq, ds, k, bad, keep)
                                 k = tl.where(bad, 0.0, k).to(k.dtype)
                         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-        if SINKS:
-            tl.store(SinkDelta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, pdp, mask=offs_m < seqlen_q)
+        if SINKS:  # the sink's probability (0 for a -inf sink or an empty row) times sum_j P dP
+            p_sink = tl.math.exp2((sink_log2 - lse2) - log_l)
+            tl.store(SinkDelta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, p_sink * pdp,
+                     mask=offs_m < seqlen_q)
         dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm
         _store_rows(dq_base, dq * scale, m0, seqlen_q, stride_dqm, HEAD_D, BLOCK_M, BLOCK_D)

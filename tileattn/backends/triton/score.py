@@ -61,6 +61,7 @@ from tileattn import score as _spec
 
 LOG2E: tl.constexpr = tl.constexpr(_spec.LOG2E)  # host code reads tileattn.score.LOG2E
 LN2: tl.constexpr = tl.constexpr(_spec.LN2)
+LSE_EXACT: tl.constexpr = tl.constexpr(_spec.LSE_EXACT)
 
 
 @triton.jit
