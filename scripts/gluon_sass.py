@@ -38,6 +38,8 @@ def compile_one(D, causal, dtype=torch.bfloat16):
         elif name == "Lse":
             sig[name] = "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "Flags":
+            sig[name] = "*i8"
         elif name == "qk_scale":
             sig[name] = "fp32"
         else:

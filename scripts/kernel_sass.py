@@ -31,7 +31,7 @@ BK = sys.modules["tileattn.backends.triton.backward_kernels"]
 assert F.__file__.startswith(tree), F.__file__
 
 PTR = dict(Lse="*fp32", Sinks="*fp32", Slopes="*fp32", Mask="*bf16", CuSeqlensQ="*i32", CuSeqlensK="*i32",
-           Lse2Pad="*fp32", DeltaPad="*fp32", SinkDelta="*fp32", DMask="*fp32", DQ="*bf16", Out="*bf16")
+           Lse2Pad="*fp32", DeltaPad="*fp32", LogLPad="*fp32", SinkDelta="*fp32", DMask="*fp32", DQ="*bf16", Out="*bf16")
 
 def build(fn, feat, varlen):
     sig, cx, attrs = {}, {}, {}
@@ -47,6 +47,7 @@ def build(fn, feat, varlen):
             if name == "Sinks" and not feat.get("SINKS"): sig[name]="constexpr"; cx[name]=None; continue
             if name == "Slopes" and not feat.get("ALIBI"): sig[name]="constexpr"; cx[name]=None; continue
             if name == "DMask" : sig[name]="constexpr"; cx[name]=None; continue
+            if name == "Flags": sig[name]="constexpr"; cx[name]=None; continue
             if name == "SinkDelta" and not feat.get("SINKS"): sig[name]="*fp32"; attrs[(i,)] = [["tt.divisibility", 16]]; continue
             sig[name] = "*i1" if name == "Mask" and feat.get("MASK_KIND") == 1 else PTR.get(name, "*bf16"); attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "softcap_scale", "softcap_log2", "dropout_p", "scale", "x_scale"):

@@ -94,7 +94,7 @@ def test_forward_configs_unchanged():
         assert plan.plan_forward(*qkv(d), CAUSAL, target=AMPERE).configs == tables.FORWARD[("cuda", "16", d)]
     assert plan.plan_forward(*qkv(96), PLAIN, target=SM90).block_d == 128
     p = plan.plan_forward(*qkv(64, dtype=torch.float16), PLAIN)  # CPU tensors: the interpreter
-    assert p.target == "interpreter" and not p.autotune and p.launch_kwargs() == dict(
+    assert p.target == "interpreter" and not p.autotune and p.configs[0].meta() == dict(
         BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
 
 

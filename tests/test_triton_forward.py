@@ -13,7 +13,7 @@ from helpers import assert_close, cu_seqlens, make_qkv, randn
 
 from tileattn import _philox, plan, reference
 from tileattn.backends.triton.plan import configs as tables
-from tileattn.backends.triton.forward import forward, run_forward
+from tileattn.backends.triton.forward import forward, launch_tl, run_forward
 from tileattn.score import ScoreSpec
 
 CUDA = torch.cuda.is_available()
@@ -267,6 +267,30 @@ def test_nonfinite_value_reaches_only_rows_that_keep_it(device, hider, junk, dty
     assert_close("out", out[fin], hi[0][fin], lo[0][fin], dtype=dtype)
     _nan_close("lse", lse, hi[1], lo[1], dtype)
     assert lse.isfinite().all()
+
+
+def test_redo_recomputes_only_flagged_row_blocks(device):
+    """The Gluon causal forward's fallback (gluon forward_sm90 [Note] hidden values) on 16 x 16
+    tiles: with row flags, only the row blocks holding a flagged row are recomputed, exactly
+    (a NaN value hidden from them contained); every other row keeps what it held."""
+    q, k, v = make_qkv(1, 40, 40, 2, 1, 16, dtype=torch.float32, device=device)
+    v[0, 30, 0, 2] = float("nan")  # kept by rows >= 30 only (causal, Sq == Sk)
+    spec = ScoreSpec(**_kw(0.25, window=(-1, 0)))
+    fplan = plan.forward_plan(q, k, v, window=spec.window, configs=TINY)
+    out = torch.full((1, 40, 2, 16), 7.0, device=device)
+    lse = torch.full((1, 2, 40), 7.0, device=device)
+    flags = torch.zeros(1, 2, 40, dtype=torch.int8, device=device)
+    flags[0, 1, 20] = 1  # head 1, row block 16..31
+    launch_tl(q, k, v, out, lse, (lse.stride(0), lse.stride(1)), spec, fplan, 1, 40, 40, 40, 40, flags=flags)
+    hi, lo = (reference.attention(q, k, v, scale=0.25, causal=True, upcast=u) for u in (True, False))
+    redone = torch.zeros(40, 2, dtype=torch.bool, device=device)
+    redone[16:32, 1] = True
+    assert (out[0][~redone] == 7.0).all() and (lse[0].T[~redone] == 7.0).all()
+    got, want = out[0][redone], hi[0][0][redone]
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any() and not want.isnan().all()
+    fin = want.isfinite()
+    assert_close("out", got[fin], want[fin], lo[0][0][redone][fin])
+    assert_close("lse", lse[0].T[redone], hi[1][0].T[redone], lo[1][0].T[redone])
 
 
 def _check_varlen(lens_q, lens_k, Hq, Hkv, D, dtype, device, configs=None, use_tma=None, **kw):

@@ -34,7 +34,7 @@ from tileattn.backends.triton.launch import fast
 
 @triton.jit(do_not_specialize=["seqlen_q_dense", "seqlen_k_dense", "max_seqlen_q", "window_left", "window_right",
                                "seed", "tune_sq", "tune_sk"])
-def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
+def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK, Flags,
                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                 stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh,
                 stride_lb, stride_lh, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
@@ -45,9 +45,12 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
-                USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr = False):
+                USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr = False,
+                REDO: tl.constexpr = False):
     """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,). tune_sq/tune_sk: autotune key only.
-    NEG_SCALE: qk_scale < 0 (score [Note] negative scale)."""
+    NEG_SCALE: qk_scale < 0 (score [Note] negative scale). REDO (dense only): recompute only
+    the row blocks with a nonzero row in Flags (int8, laid out as Lse): the rows the Gluon
+    forward left non-finite (gluon forward_sm90 [Note] hidden values); other programs exit."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
     off_bh = pid // num_m
@@ -60,6 +63,12 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
     m0 = m_blk * BLOCK_M
     if m0 >= seqlen_q:
         return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    if REDO:
+        flags = tl.load(Flags + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + offs_m,
+                        mask=offs_m < seqlen_q, other=0)
+        if tl.max(flags, 0) == 0:
+            return
 
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
@@ -85,7 +94,6 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
         v_src = v_base
         q = load_rows(q_base, m0, seqlen_q, stride_qm, HEAD_D, BLOCK_M, BLOCK_D, True, HEAD_D != BLOCK_D)
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     diag = seqlen_k - seqlen_q
     if SINKS:  # [Note] empty rows (score.py): the sink starts the running max and the sum
         sink_log2 = tl.load(Sinks + off_h) * LOG2E
@@ -203,6 +211,33 @@ def _outputs(q, v, varlen, batch, seqlen_q, hq):
     return out, lse, (lse.stride(0), lse.stride(1))
 
 
+def launch_tl(q, k, v, out, lse, lse_strides, spec, fplan, batch, seqlen_q, seqlen_k, max_seqlen_q, tune_sk,
+              cu_seqlens_q=None, cu_seqlens_k=None, flags=None):
+    """Launch ``_fwd_kernel`` into out / lse (see :func:`run_forward`); with ``flags`` (int8 laid
+    out as lse, dense only) only the row blocks holding a flagged row are recomputed (REDO)."""
+    varlen = cu_seqlens_q is not None
+    hq = q.shape[-2]
+    sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
+    grid = lambda meta: (_plan.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
+    # a redo takes the first config: most of its programs exit at once, nothing to tune on
+    kernel, meta = _plan.kernel_for(_fwd_kernel, "forward", fplan.configs, fplan.autotune and flags is None,
+                                    fplan.tune_key())
+    if fplan.use_tma and q.is_cuda:
+        _ensure_tma_allocator()
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        fast(kernel)[grid](
+            q, k, v, out, lse, sinks, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k, flags,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *lse_strides,
+            *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
+            *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)),
+            hq, hq // k.shape[-2], seqlen_q, seqlen_k, max_seqlen_q, *spec.scalars(),
+            _plan.bucket(max_seqlen_q), _plan.bucket(tune_sk),
+            HEAD_D=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_D=fplan.block_d, BLOCK_DV=fplan.block_dv,
+            IS_VARLEN=varlen, **spec.constexprs(), USE_TMA=fplan.use_tma,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", REDO=flags is not None, **meta,
+        )
+
+
 def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                 max_seqlen_k=None):
     """Launch the forward for ``spec`` (a ScoreSpec) with an explicit ``plan.ForwardPlan`` (the
@@ -220,28 +255,16 @@ def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, m
     out, lse, lse_strides = _outputs(q, v, varlen, batch, seqlen_q, hq)
     if out.numel() == 0 or max_seqlen_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    flags = None
     if fplan.kernel == "gluon":  # dense, plain or causal, sm_90 (plan.forward.gluon_rule)
         from tileattn.backends.triton import gluon
         with torch.cuda.device(q.device):
-            return gluon.forward(q, k, v, out, lse, spec.scale, spec.window[1] == 0)
-    sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
-    grid = lambda meta: (_plan.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
-    kernel = fast(_plan.kernel_for(_fwd_kernel, "forward", fplan.configs, fplan.autotune, fplan.tune_key())[0])
-    if fplan.use_tma and q.is_cuda:
-        _ensure_tma_allocator()
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        kernel[grid](
-            q, k, v, out, lse, sinks, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *lse_strides,
-            *(alibi_slopes.stride() if alibi_slopes is not None else (0, 0)),
-            *(attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)),
-            hq, hq // k.shape[-2], seqlen_q, seqlen_k, max_seqlen_q, *spec.scalars(),
-            _plan.bucket(max_seqlen_q), _plan.bucket(tune_sk),
-            HEAD_D=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_D=fplan.block_d, BLOCK_DV=fplan.block_dv,
-            IS_VARLEN=varlen, **spec.constexprs(), USE_TMA=fplan.use_tma,
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            **fplan.launch_kwargs(),
-        )
+            flags = gluon.forward(q, k, v, out, lse, spec.scale, spec.window[1] == 0)
+        if flags is None:
+            return out, lse
+        # causal: the tl kernel redoes the rows the Gluon kernel flagged ([Note] hidden values)
+    launch_tl(q, k, v, out, lse, lse_strides, spec, fplan, batch, seqlen_q, seqlen_k, max_seqlen_q, tune_sk,
+              cu_seqlens_q, cu_seqlens_k, flags)
     return out, lse
 
 

@@ -37,6 +37,13 @@ ring, so one's softmax runs while the other's wgmma holds the tensor cores.
 
 Causal items run longest first (the last row blocks get the lowest item ids). Empty rows
 (Sq > Sk causal) end with out 0 and lse -inf, as the ``tl`` kernel's [Note] empty rows.
+
+[Note] hidden values (Gluon): a causal call's diagonal tile holds keys some rows do not keep;
+their p is 0, but 0 * NaN = NaN inside P @ V, so a non-finite value there would reach those
+rows (the ``tl`` kernels' score.py [Note] hidden values). Causal calls write a per-row flag
+(int8, laid out as lse) that says the row's out ended non-finite; the launcher then runs the
+``tl`` forward on the flagged row blocks only, whose exact pass contains it. Plain calls hide
+no key (keys past Sk are zero-filled) and write no flags.
 """
 
 from triton.experimental import gluon
@@ -158,11 +165,12 @@ def _step(j, it, q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, p_prev,
 
 @gluon.jit
 def _consumer(half, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, o_desc, Lse,
-              stride_lb, stride_lh, num_m, n_work, num_heads, group, seqlen_q, seqlen_k, causal, qk_scale):
+              Flags, stride_lb, stride_lh, num_m, n_work, num_heads, group, seqlen_q, seqlen_k, causal, qk_scale):
     """Consumer warpgroup ``half`` (0 or 1): rows [m0 + half * HALF_M, + HALF_M) of each work
-    item against its tiles; writes lse, and out through its own shared slot and a TMA store
-    that is waited for only before the slot's next use. Sizes come from the shared-memory
-    shapes (partition arguments carry no constexprs in 3.6)."""
+    item against its tiles; writes lse (and, causal, the rows' non-finite flags: [Note] hidden
+    values), and out through its own shared slot and a TMA store that is waited for only
+    before the slot's next use. Sizes come from the shared-memory shapes (partition arguments
+    carry no constexprs in 3.6)."""
     HALF_M: gl.constexpr = q_smem.shape[2]
     HEAD_D: gl.constexpr = q_smem.shape[4]
     BLOCK_N: gl.constexpr = k_smem.shape[2]
@@ -225,8 +233,12 @@ def _consumer(half, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v
         lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
         inv_l = gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))
         out = (acc * inv_l[:, None]).to(q2.dtype)
-        lse_base = Lse + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
-        gl.store(lse_base + offs_m, lse, mask=offs_m < seqlen_q)
+        row_off = off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+        gl.store(Lse + row_off + offs_m, lse, mask=offs_m < seqlen_q)
+        # [Note] hidden values; a masked store, not an `if causal:` (that branch fails to lower in 3.6)
+        bad = gl.max(gl.where((acc != acc) | (gl.abs(acc) == float("inf")), 1, 0), 1)
+        gl.store(Flags + row_off + offs_m, gl.convert_layout(bad, row_layout).to(gl.int8),
+                 mask=(offs_m < seqlen_q) & (causal != 0))
         tma.store_wait(0)  # the previous item's out has left o_half
         o2.store(out)
         fence_async_shared()
@@ -236,11 +248,13 @@ def _consumer(half, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
-def fwd_kernel(q_desc, k_desc, v_desc, o_desc, Lse, stride_lb, stride_lh, num_heads, group, seqlen_q, seqlen_k,
-               qk_scale, n_work, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+def fwd_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Flags, stride_lb, stride_lh, num_heads, group, seqlen_q,
+               seqlen_k, qk_scale, n_work, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                CAUSAL: gl.constexpr):
     """Grid (min(n_work, SMs),) or (n_work,), n_work = cdiv(Sq, BLOCK_M) * B * Hq; num_warps=4 (the
-    default consumer) + 4 + 1 worker warps. Program p takes work items p, p + grid, ..."""
+    default consumer) + 4 + 1 worker warps. Program p takes work items p, p + grid, ...
+    Flags: int8 laid out as Lse, written when CAUSAL ([Note] hidden values); never written (any
+    pointer) otherwise."""
     HALF_M: gl.constexpr = q_desc.block_type.shape[1]
     num_m = gl.cdiv(seqlen_q, 2 * HALF_M)
     causal = seqlen_q * 0 + CAUSAL  # partitions take no constexprs (3.6): a uniform runtime flag
@@ -264,7 +278,7 @@ def fwd_kernel(q_desc, k_desc, v_desc, o_desc, Lse, stride_lb, stride_lh, num_he
         mbarrier.init(v_empty.index(i), count=2)
 
     shared = (q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty, o_desc, Lse,
-              stride_lb, stride_lh, num_m, n_work, num_heads, group, seqlen_q, seqlen_k, causal, qk_scale)
+              Flags, stride_lb, stride_lh, num_m, n_work, num_heads, group, seqlen_q, seqlen_k, causal, qk_scale)
     gl.warp_specialize([
         (_consumer, (seqlen_q * 0,) + shared),
         (_consumer, (seqlen_q * 0 + 1,) + shared),

@@ -49,6 +49,8 @@ def _num_sms(device) -> int:
 
 def forward(q, k, v, out, lse, scale: float, causal: bool, stages=None):
     """Fill ``out`` (B, Sq, Hq, D) and ``lse`` (B, Hq, Sq) for q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D).
+    Returns the causal call's row flags int8 (B, Hq, Sq), nonzero where out ended non-finite
+    (forward_sm90 [Note] hidden values: the caller redoes those rows), None for plain calls.
     ``stages``: the K/V ring depth instead of kernel_meta's (probes)."""
     batch, seqlen_q, hq, D = q.shape
     seqlen_k = k.shape[1]
@@ -61,6 +63,8 @@ def forward(q, k, v, out, lse, scale: float, causal: bool, stages=None):
     # 358 / 608 this way (H200, D=128). Plain items are equal: one CTA per SM walks them and
     # hides each item's Q load and out store under its neighbours' work.
     grid = (n_work if causal else min(n_work, _num_sms(q.device)),)
-    fwd_kernel[grid](*descriptors(q, k, v, out), lse, lse.stride(0), lse.stride(1), hq, hq // k.shape[2],
-                     seqlen_q, seqlen_k, scale * 1.4426950408889634, n_work, **meta, num_warps=4, maxnreg=maxnreg)
-    return out, lse
+    flags = torch.empty(lse.shape, dtype=torch.int8, device=lse.device) if causal else None
+    fwd_kernel[grid](*descriptors(q, k, v, out), lse, lse if flags is None else flags, lse.stride(0), lse.stride(1),
+                     hq, hq // k.shape[2], seqlen_q, seqlen_k, scale * 1.4426950408889634, n_work, **meta,
+                     num_warps=4, maxnreg=maxnreg)
+    return flags

@@ -82,10 +82,6 @@ class ForwardPlan(KernelPlan):
     kernel: str = "tl"  # "gluon": the sm_90 Gluon kernel runs instead of _fwd_kernel and its configs
     kernel_why: str = ""
 
-    def launch_kwargs(self) -> dict:
-        """Meta-parameters for a direct launch; empty when the autotuner supplies them."""
-        return {} if self.autotune else self.configs[0].meta()
-
     def tune_key(self) -> tuple:
         """The kernel variant's facts for the autotuner cache (one autotuner per variant)."""
         return (self.spec_key, self.varlen, self.block_d, self.block_dv, self.use_tma)
