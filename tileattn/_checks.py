@@ -235,7 +235,7 @@ def block_table(table, cache: torch.Tensor, batch=None) -> torch.Tensor:
     return table
 
 
-def kvcache(k_cache, v_cache, k, v, cache_seqlens, table, *, q=_UNSET) -> tuple:
+def kvcache(k_cache, v_cache, k, v, cache_seqlens, table, *, q=_UNSET, rows_mapped=False) -> tuple:
     """Validate a cache call -- ``attention_with_kvcache`` (``q`` given) or
     ``tileattn.kvcache.append`` (``q`` None, ``k``/``v`` required) -- before anything is
     written. Returns ``(cache_seqlens, block_table)``: lengths as a contiguous int32 (B,)
@@ -243,7 +243,8 @@ def kvcache(k_cache, v_cache, k, v, cache_seqlens, table, *, q=_UNSET) -> tuple:
 
     Value checks (0 <= cache_seqlens, cache_seqlens + Sn <= capacity, the page ids of every
     position read or written inside [0, num_blocks)) read device memory, so they run where
-    :func:`debug_checks` allows; a Python int length is always checked.
+    :func:`debug_checks` allows; a Python int length is always checked. ``rows_mapped``
+    (cache_batch_idx given): a contiguous cache may hold any number of rows.
     """
     if q is _UNSET:  # kvcache.append: no query
         q = None
@@ -277,7 +278,7 @@ def kvcache(k_cache, v_cache, k, v, cache_seqlens, table, *, q=_UNSET) -> tuple:
             if tuple(t.shape) != want:
                 raise ValueError(f"tileattn: {name} must have shape (B, Sn, Hkv, D) = {want}, got {tuple(t.shape)}")
     if table is None:
-        if k_cache.shape[0] != batch:
+        if k_cache.shape[0] != batch and not rows_mapped:
             raise ValueError(f"tileattn: contiguous k_cache must have batch {batch} in dim 0, got {k_cache.shape[0]}")
     else:
         table = block_table(table, k_cache, batch)

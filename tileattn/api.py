@@ -210,10 +210,12 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             required) at positions cache_seqlens[b] + i -- q at cache_seqlens[b] for every row
             when neither causal nor windowed -- on the first rotary_dim dims, as pairs
             (d, d + rotary_dim / 2), or (2d, 2d + 1) with ``rotary_interleaved`` (flash-attn's rule).
-        cache_batch_idx: int32 (B,): row b uses contiguous cache row cache_batch_idx[b].
+        cache_batch_idx: int32 (B,): row b uses contiguous cache row cache_batch_idx[b] (the
+            cache may hold more rows than B; not with a paged cache, as in flash-attn).
         cache_leftpad: int32 (B,): row b's keys start at cache slot cache_leftpad[b] (<=
-            cache_seqlens[b]); slots before it are not attended. The last three are host-side
-            rewrites (tileattn/_kvprep.py) on every backend; leftpad reads the cache slot by slot.
+            cache_seqlens[b]); slots before it are not attended; positions (causal, window,
+            ALiBi, rotary) stay slot numbers. The last three are fused into the Triton decode
+            kernel and native on the CPU backend (validated in tileattn/_kvprep.py).
         Other keywords as in :func:`attention`.
 
     Returns:
@@ -224,13 +226,14 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         >>> q = torch.randn(2, 1, 8, 64); k = v = torch.randn(2, 1, 2, 64)
         >>> out = tileattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=10)
     """
+    rotary = None
     if not (rotary_cos is None and rotary_sin is None and cache_batch_idx is None and cache_leftpad is None):
-        _checks.options(scale=scale, window=window, softcap=softcap, causal=causal)
         _checks.flag("rotary_interleaved", rotary_interleaved)
-        q, k, k_cache, v_cache, cache_seqlens, block_table = _kvprep.prepare(
-            q, k_cache, v_cache, k, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved,
-            cache_batch_idx, cache_leftpad, positional=causal or tuple(window) != (-1, -1))
-    cache_seqlens, block_table = _checks.kvcache(k_cache, v_cache, k, v, cache_seqlens, block_table, q=q)
+        cache_seqlens, rotary, cache_batch_idx, cache_leftpad = _kvprep.prepare(
+            q, k_cache, k, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved, cache_batch_idx,
+            cache_leftpad)
+    cache_seqlens, block_table = _checks.kvcache(k_cache, v_cache, k, v, cache_seqlens, block_table, q=q,
+                                                 rows_mapped=cache_batch_idx is not None)
     _checks.options(scale=scale, window=window, softcap=softcap, causal=causal, return_lse=return_lse,
                     backend=backend, num_splits=num_splits)
     alibi_slopes = _checks.per_head("alibi_slopes", alibi_slopes, q, q.shape[0], q.shape[2], allow_batch=True)
@@ -242,6 +245,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     scale, left, right, softcap, alibi_slopes, sinks = spec.op_fields()[:6]
     args = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, left, right, softcap,
             alibi_slopes, sinks, num_splits, name)
+    if rotary is not None or cache_batch_idx is not None or cache_leftpad is not None:
+        args += (*(rotary or (None, None, False)), cache_batch_idx, cache_leftpad)
     # eager calls skip the dispatcher's overhead on the decode hot path; compile sees the op
     run = ops.attention_kvcache if torch.compiler.is_compiling() else ops.kvcache_impl
     grad_inputs = [t for t in (q, k, v) if t is not None and t.requires_grad]

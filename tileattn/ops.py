@@ -179,13 +179,17 @@ def kvcache_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Optional[Te
                  v_new: Optional[Tensor], cache_seqlens: Tensor, block_table: Optional[Tensor],
                  scale: float, window_left: int, window_right: int, softcap: float,
                  alibi_slopes: Optional[Tensor], sinks: Optional[Tensor], num_splits: int,
-                 backend: str) -> tuple[Tensor, Tensor]:
-    """Append k_new/v_new into the cache in place, then attend -> (out, lse)."""
+                 backend: str, rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None,
+                 rotary_interleaved: bool = False, cache_batch_idx: Optional[Tensor] = None,
+                 cache_leftpad: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Append k_new/v_new into the cache in place, then attend -> (out, lse). The decode
+    features (rotary, batch index, leftpad; tileattn._kvprep) go to the backend as they are."""
     spec = ScoreSpec(scale=scale, window=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes,
                      sinks=sinks).expanded(q.shape[0], q.shape[2])
+    rotary = None if rotary_cos is None else (rotary_cos, rotary_sin, rotary_interleaved)
     out, lse = backends.get(backend).forward_kvcache(
         q, k_cache, v_cache, k_new, v_new, spec, cache_seqlens=cache_seqlens, block_table=block_table,
-        num_splits=num_splits)
+        num_splits=num_splits, rotary=rotary, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
     return out.contiguous(), lse.contiguous()
 
 
@@ -195,6 +199,7 @@ attention_kvcache = torch.library.custom_op(
 
 @attention_kvcache.register_fake
 def _(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, scale, window_left,
-      window_right, softcap, alibi_slopes, sinks, num_splits, backend):
+      window_right, softcap, alibi_slopes, sinks, num_splits, backend, rotary_cos=None, rotary_sin=None,
+      rotary_interleaved=False, cache_batch_idx=None, cache_leftpad=None):
     return (q.new_empty((*q.shape[:-1], v_cache.shape[-1])),
             q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32))

@@ -275,14 +275,22 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     spec = _spec(q, q.shape[0], causal, scale, window, softcap, alibi_slopes, sinks)
     dtype = torch.float64 if upcast else q.dtype
     if rotary_cos is not None:
-        lens = torch.as_tensor(cache_seqlens, device=q.device).long().expand(q.shape[0])
-        pos = lens[:, None] + torch.arange(q.shape[1], device=q.device)
-        q_pos = pos if causal or tuple(window) != (-1, -1) else lens[:, None].expand_as(pos)
-        q = _rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved, dtype)
-        k = _rotary(k, rotary_cos, rotary_sin, pos, rotary_interleaved, dtype)
+        q, k = _rotate_new(q, k, (rotary_cos, rotary_sin, rotary_interleaved), cache_seqlens,
+                           causal or tuple(window) != (-1, -1), dtype)
     out, lse = _kvcache(q, k_cache, v_cache, k, v, spec, cache_seqlens=cache_seqlens, block_table=block_table,
                         dtype=dtype, rows=cache_batch_idx, starts=cache_leftpad)
     return _result(out, lse, upcast, q)
+
+
+def _rotate_new(q, k, rotary, cache_seqlens, positional, dtype):
+    """q and k (B, Sn, ...) rotated by ``rotary`` (cos, sin, interleaved) in ``dtype``: k at
+    positions cache_seqlens[b] + i, q likewise when ``positional`` (causal or windowed), else
+    every row at cache_seqlens[b]."""
+    cos, sin, interleaved = rotary
+    lens = torch.as_tensor(cache_seqlens, device=q.device).long().expand(q.shape[0])
+    pos = lens[:, None] + torch.arange(q.shape[1], device=q.device)
+    q_pos = pos if positional else lens[:, None].expand_as(pos)
+    return _rotary(q, cos, sin, q_pos, interleaved, dtype), _rotary(k, cos, sin, pos, interleaved, dtype)
 
 
 def _rotary(x, cos, sin, pos, interleaved, dtype):
@@ -341,8 +349,12 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
     return dq, dk, dv, dsinks, dmask
 
 
-def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits):
+def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits, rotary=None,
+                    cache_batch_idx=None, cache_leftpad=None):
     """Backend ``forward_kvcache``: float64 math, out in q.dtype, lse fp32; mutates the caches."""
+    dtype = q.dtype
+    if rotary is not None:
+        q, k_new = _rotate_new(q, k_new, rotary, cache_seqlens, spec.window != (-1, -1), torch.float64)
     out, lse = _kvcache(q, k_cache, v_cache, k_new, v_new, spec, cache_seqlens=cache_seqlens,
-                        block_table=block_table, dtype=torch.float64)
-    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+                        block_table=block_table, dtype=torch.float64, rows=cache_batch_idx, starts=cache_leftpad)
+    return out.to(dtype).contiguous(), lse.float().contiguous()

@@ -12,7 +12,7 @@ Each backend module (``cpu``, ``triton``; ``reference`` is the oracle) exposes::
             -> (dq, dk, dv, dsinks | None, dmask | None)
 
     forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table,
-                    num_splits) -> (out, lse)
+                    num_splits, rotary=None, cache_batch_idx=None, cache_leftpad=None) -> (out, lse)
 
 ``spec`` is the call's :class:`tileattn.score.ScoreSpec` (scale, window with causal folded in,
 softcap, ALiBi slopes, sinks, attn_mask, dropout), built once by the API and seen by the
@@ -29,8 +29,14 @@ Shapes (native layout, any strides, last-dim stride 1 guaranteed by the API):
           or paged cache (num_blocks, block_size, Hkv, D[v]) with block_table int32
           (B, max_blocks); k_new/v_new None or (B, Sn, Hkv, D[v]); cache_seqlens int32 (B,).
           k_new/v_new are written in place at cache positions cache_seqlens[b] .. +Sn, then
-          the keys 0 .. cache_seqlens[b] + Sn (or cache_seqlens[b] when k_new is None) are
-          attended -> out (B, Sn, Hq, Dv), lse (B, Hq, Sn). ``num_splits`` 0 = backend's choice.
+          the keys cache_leftpad[b] (default 0) .. cache_seqlens[b] + Sn (or cache_seqlens[b]
+          when k_new is None) are attended -> out (B, Sn, Hq, Dv), lse (B, Hq, Sn).
+          ``num_splits`` 0 = backend's choice. Decode features (validated by
+          ``tileattn._kvprep``): ``rotary`` None or (cos, sin, interleaved), cos/sin
+          (seqlen_ro, rotary_dim / 2), rotating q and k_new (given) at positions
+          cache_seqlens[b] + i (q's rows all at cache_seqlens[b] when spec.window is (-1, -1));
+          ``cache_batch_idx`` None or int32 (B,) rows of a contiguous cache (B_cache, Smax, ...);
+          ``cache_leftpad`` None or int32 (B,) first key slots (positions stay slot numbers).
 
 The spec's fields, as backends see them:
 

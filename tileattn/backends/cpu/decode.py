@@ -24,6 +24,12 @@ Per sequence (so its result never depends on its batch companions):
 3. The runs are merged by their lse (flash-decoding's combine); the sink logit enters the
    merge as one more term that carries no value.
 
+Decode features, natively: rotary turns q and k_new (fp32, stored in their dtype, as the GPU
+kernel) before step 1 (:func:`rotate`); ``cache_batch_idx`` reads the contiguous cache
+(B_cache, Smax, ...) as B_cache pages of Smax slots through the one-column table
+cache_batch_idx[:, None] (a view: appends reach the cache); ``cache_leftpad`` starts row b's
+key range at slot leftpad[b] (positions stay slot numbers, as in the oracle).
+
 The score pipeline (scale, softcap, ALiBi, window) and the online-softmax step are ``score.py``'s,
 shared with the CPU forward and backward, so each rule is written once; as there, scores are fp32 in base 2
 (``exp2``) whatever the cache dtype, and lse is converted back to natural log per run.
@@ -62,26 +68,36 @@ def append_(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     paged.scatter_(v_cache, block_table, pos, v_new)
 
 
-def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits):
+def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits, rotary=None,
+                    cache_batch_idx=None, cache_leftpad=None):
     """Backend contract (see ``tileattn.backends``): q (B, Sn, Hq, D) over the cache, after
     appending k_new/v_new -> out (B, Sn, Hq, Dv) in q.dtype, lse (B, Hq, Sn) float32.
 
     ``num_splits`` 0 means 1 on CPU (torch ops are already multi-threaded, so splitting only
     adds merge work); N > 1 splits each sequence's keys into N runs merged by lse, exactly as
-    the GPU's split-KV does, so 1 vs N is testable on CPU.
+    the GPU's split-KV does, so 1 vs N is testable on CPU. Decode features as in the module
+    docstring.
     """
     batch, sn, hq, _ = q.shape
     hkv, dv = k_cache.shape[2], v_cache.shape[3]
+    if rotary is not None:
+        pos = paged.append_positions(cache_seqlens, sn)
+        q_pos = pos if spec.window != (-1, -1) else pos[:, :1].expand(-1, sn)
+        q, k_new = rotate(q, rotary, q_pos), rotate(k_new, rotary, pos)
+    if cache_batch_idx is not None:
+        block_table = cache_batch_idx[:, None]
     if k_new is not None:
         append_(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     seqlens_k = (cache_seqlens.to(torch.long) + (sn if k_new is not None else 0)).tolist()
     out = torch.empty(batch, sn, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, hq, sn, dtype=torch.float32, device=q.device)
     table = block_table.to(torch.long) if block_table is not None else None
+    starts = [0] * batch if cache_leftpad is None else cache_leftpad.tolist()
     for b in range(batch):
         tiles = TileScore.from_spec(spec, 1, sn, seqlens_k[b], hkv, hq // hkv, attn_mask=None, dropout=False,
                                     alibi=None if spec.alibi_slopes is None else spec.alibi_slopes[b:b + 1])
-        o, lse_b = _Sequence(k_cache, v_cache, b, table, tiles).attend(q[b], spec.sinks, max(num_splits, 1))
+        seq = _Sequence(k_cache, v_cache, b, table, tiles, starts[b])
+        o, lse_b = seq.attend(q[b], spec.sinks, max(num_splits, 1))
         out[b] = o.to(q.dtype)
         lse[b] = lse_b
     return out, lse
@@ -90,11 +106,12 @@ def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, b
 class _Sequence:
     """One sequence b of the batch (a ``TileScore`` problem with B = 1): its key range, tiles, runs."""
 
-    def __init__(self, k_cache, v_cache, b, table, tiles):
+    def __init__(self, k_cache, v_cache, b, table, tiles, start=0):
         self.k_cache, self.v_cache, self.b, self.table, self.tiles = k_cache, v_cache, b, table, tiles
         left, right = tiles.window
-        # keys any row may keep: left bound of row 0, right bound of row Sn-1
-        self.lo = max(0, tiles.off - left) if left >= 0 else 0
+        # keys any row may keep: from the sequence's first slot (leftpad) and the left bound of
+        # row 0 to the right bound of row Sn-1
+        self.lo = max(start, tiles.off - left) if left >= 0 else start
         self.hi = min(tiles.sk, tiles.sq - 1 + tiles.off + right + 1) if right >= 0 else tiles.sk
 
     def attend(self, q_b, sinks, num_splits):
@@ -136,6 +153,23 @@ class _Sequence:
                 acc.add_(torch.bmm(s, vt))
         out, lse2 = score.finish(m_i, l_i, acc)
         return out, lse2 * LN2
+
+
+def rotate(x, rotary, pos):
+    """x (B, Sn, H, D) with its first rotary_dim dims turned at positions pos (B, Sn) by
+    ``rotary`` = (cos, sin, interleaved), cos/sin (seqlen_ro, rotary_dim / 2): pairs
+    (d, d + rotary_dim / 2), or (2d, 2d + 1) interleaved; fp32 math, x's dtype."""
+    cos, sin, interleaved = rotary
+    half = cos.shape[1]
+    c, s = cos.float()[pos][:, :, None, :], sin.float()[pos][:, :, None, :]  # (B, Sn, 1, r/2)
+    rot = x[..., :2 * half].float()
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
 def _merge(runs, sink):

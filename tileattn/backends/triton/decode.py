@@ -13,6 +13,11 @@ Sub notation (kernel names)::
                 NUM_SPLITS runs of whole BLOCK_N tiles; each run yields a partial (out, lse)
     m_i, l_i    online-softmax running max and sum, base 2 (``score.py``'s notation: the same
                 helpers as the forward compute t = s * log2(e)); lse is stored in natural log
+    b_cache     the cache row of batch row b: BatchIdx[b] with BATCH_IDX (contiguous caches), else b
+    pad         Leftpad[b] with LEFTPAD: the sequence's first key slot (keys before it are not
+                part of it), else 0; positions stay slot numbers (see [Note] leftpad)
+    ROTARY      0 none, 1 pairs (d, d + ROTARY_DIM / 2), 2 interleaved pairs (2i, 2i + 1): q and
+                the new keys rotate on their first ROTARY_DIM dims (see [Note] rotary)
 
 Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
 
@@ -53,6 +58,22 @@ Causal mask picture for Sn = 3 new tokens over Sk = 7 keys (off = 4, x = kept)::
     and needs a GPU run). Nothing of the new rows stays live through the loop: holding
     k_new/v_new in registers until after it made the paged loop slower, and storing after the
     loop was slower than storing before it.
+
+[Note] rotary
+    flash-attn's rotary embedding, fused: new key j of row b turns at position Sk_old + j
+    (Sk_old = cache_seqlens[b]); query row t at Sk_old + t when causal or windowed, else every
+    row at Sk_old. :func:`_rotary` loads each element and its pair partner, and cos/sin
+    (seqlen_ro, ROTARY_DIM / 2, contiguous) at the row's position, and returns x * cos +
+    partner * (-sin for a pair's first element, +sin for its second) in fp32, rounded to q's or
+    the cache's dtype as flash-attn does. The rotated keys are the ones attended and appended.
+    q and the new keys are loaded after cache_seqlens then (their cos/sin rows depend on it).
+
+[Note] leftpad
+    cache_leftpad[b] = pad: the sequence's keys are cache slots pad .. Sk - 1. Positions are
+    not renumbered: causal and window edges and ALiBi distances depend on slot differences
+    only, and rotary positions are slots (flash-attn's rule; reference.py is the contract).
+    The key range starts at max(lo, pad), tile-aligned down; keys before pad in the first tile
+    are neither loaded (zeros, so junk in padding slots never reaches a sum) nor kept.
 """
 
 import torch
@@ -158,6 +179,42 @@ def _load_new(base, offs_j, j_ok, stride_s, offs_d, DIM: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
+def _rotary(row_ptrs, row_ok, offs_d, pos, Cos, Sin, DIM: tl.constexpr, BLOCK: tl.constexpr, ROTARY: tl.constexpr,
+            ROTARY_DIM: tl.constexpr):
+    """fp32 (N, BLOCK): the rows at row_ptrs (N,) (columns offs_d; rows with row_ok False = 0)
+    with their first ROTARY_DIM dims rotated at positions pos (N,) (see [Note] rotary)."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    x = tl.load(row_ptrs[:, None] + offs_d[None, :], mask=_rows_mask(row_ok, offs_d, DIM, BLOCK), other=0.0)
+    if ROTARY == 2:  # interleaved: pairs (2i, 2i + 1) turn by angle i
+        first = offs_d % 2 == 0
+        partner = offs_d ^ 1
+        angle = offs_d // 2
+    else:  # pairs (i, i + HALF) turn by angle i
+        first = offs_d < HALF
+        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+        angle = tl.where(first, offs_d, offs_d - HALF)
+    turns = row_ok[:, None] & (offs_d < ROTARY_DIM)[None, :]
+    x_pair = tl.load(row_ptrs[:, None] + partner[None, :], mask=turns, other=0.0)
+    cs = pos.to(tl.int64)[:, None] * HALF + angle[None, :]
+    cos = tl.load(Cos + cs, mask=turns, other=1.0).to(tl.float32)
+    sin = tl.load(Sin + cs, mask=turns, other=0.0).to(tl.float32)
+    return x.to(tl.float32) * cos + x_pair.to(tl.float32) * tl.where(first[None, :], -sin, sin)
+
+
+@triton.jit
+def _new_keys(kn_base, offs_j, j_ok, stride_s, offs_d, Sk_old, Cos, Sin, DIM: tl.constexpr, BLOCK: tl.constexpr,
+              CACHE, ROTARY: tl.constexpr, ROTARY_DIM: tl.constexpr):
+    """New keys j = offs_j (N,) of one KV head, (N, BLOCK) in CACHE's dtype; with ROTARY turned
+    at positions Sk_old + j (see [Note] rotary)."""
+    if ROTARY == 0:
+        return _load_new(kn_base, offs_j, j_ok, stride_s, offs_d, DIM, BLOCK, CACHE)
+    else:
+        k = _rotary(kn_base + offs_j.to(tl.int64) * stride_s, j_ok, offs_d, Sk_old + offs_j, Cos, Sin, DIM, BLOCK,
+                    ROTARY, ROTARY_DIM)
+        return k.to(CACHE.dtype.element_ty)
+
+
+@triton.jit
 def _new_rows(p, p_ok, bt_base, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_SIZE: tl.constexpr):
     """int64 (N,) offsets of cache positions p (N,) in K and V: rows of the sequence's
     contiguous cache, or slots of the pages its block-table row (bt_base) names."""
@@ -177,7 +234,7 @@ def _store_rows(base, rows, x, row_ok, offs_d, DIM: tl.constexpr, BLOCK: tl.cons
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, Slopes, Sinks, OUT, LSE,
+    Q, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, Slopes, Sinks, Cos, Sin, BatchIdx, Leftpad, OUT, LSE,
     stride_qb, stride_qs, stride_qh,
     stride_knb, stride_kns, stride_knh, stride_vnb, stride_vns, stride_vnh,
     stride_kb, stride_ks, stride_kh,  # paged: page, slot, head
@@ -191,7 +248,8 @@ def _decode_kernel(
     BLOCK_DV: tl.constexpr, HAS_NEW: tl.constexpr, PAGE_SIZE: tl.constexpr, KV_SAME_ROWS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, SINKS: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr = False,
+    ALIBI: tl.constexpr, SINKS: tl.constexpr, ROTARY: tl.constexpr, ROTARY_DIM: tl.constexpr,
+    BATCH_IDX: tl.constexpr, LEFTPAD: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr = False,
 ):
     """One (b, hkv, split, row block): partial attention of BLOCK_M packed rows over its keys;
     with new keys (HAS_NEW), program (b, hkv, 0, 0) also appends them (see [Note] new keys).
@@ -199,7 +257,9 @@ def _decode_kernel(
     SPLIT: write the normalized partial out (fp32) and its natural-log lse (no sink) to the
     workspace at split index pid_s; otherwise write the final out (OUT's dtype) and lse.
     KV_SAME_ROWS: K and V share page/slot (or batch/seq) strides, so V reuses K's row offsets.
-    Score flags and scalars as the forward's (``tileattn.score.ScoreSpec``).
+    Score flags and scalars as the forward's (``tileattn.score.ScoreSpec``). ROTARY (with new
+    keys), BATCH_IDX (contiguous caches) and LEFTPAD as in the glossary; all off, the kernel is
+    the plain one.
     """
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -214,8 +274,9 @@ def _decode_kernel(
     h = hkv * G + rows % G
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_qb + t.to(tl.int64)[:, None] * stride_qs + h[:, None] * stride_qh
-                + offs_d[None, :], mask=_rows_mask(row_ok, offs_d, HEAD_D, BLOCK_D), other=0.0)
+    if ROTARY == 0:  # else loaded after cache_seqlens ([Note] rotary)
+        q = tl.load(Q + b * stride_qb + t.to(tl.int64)[:, None] * stride_qs + h[:, None] * stride_qh
+                    + offs_d[None, :], mask=_rows_mask(row_ok, offs_d, HEAD_D, BLOCK_D), other=0.0)
     alibi_log2 = 0.0
     if ALIBI:  # one head per packed row: (BLOCK_M, 1)
         alibi_log2 = (tl.load(Slopes + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0) * LOG2E)[:, None]
@@ -223,7 +284,8 @@ def _decode_kernel(
         offs_j = tl.arange(0, BLOCK_NEW)
         kn_base = K_NEW + b * stride_knb + hkv * stride_knh
         vn_base = V_NEW + b * stride_vnb + hkv * stride_vnh
-        k_new = _load_new(kn_base, offs_j, offs_j < n_new, stride_kns, offs_d, HEAD_D, BLOCK_D, K)
+        if ROTARY == 0:
+            k_new = _load_new(kn_base, offs_j, offs_j < n_new, stride_kns, offs_d, HEAD_D, BLOCK_D, K)
         v_new = _load_new(vn_base, offs_j, offs_j < n_new, stride_vns, offs_dv, HEAD_DV, BLOCK_DV, V)
 
     # keys this row block may keep: [lo, hi), tile-aligned; this split's run of whole tiles
@@ -231,10 +293,20 @@ def _decode_kernel(
     Sk = Sk_old + n_new
     off = Sk - Sn
     pos = t + off
+    if ROTARY != 0:  # with new keys: off = Sk_old; q rows at their positions when causal or windowed
+        q_pos = pos if HAS_LEFT or HAS_RIGHT else t * 0 + Sk_old
+        q = _rotary(Q + b * stride_qb + t.to(tl.int64) * stride_qs + h * stride_qh, row_ok, offs_d, q_pos, Cos, Sin,
+                    HEAD_D, BLOCK_D, ROTARY, ROTARY_DIM).to(Q.dtype.element_ty)
+        k_new = _new_keys(kn_base, offs_j, offs_j < n_new, stride_kns, offs_d, Sk_old, Cos, Sin, HEAD_D, BLOCK_D, K,
+                          ROTARY, ROTARY_DIM)
     lo = 0
     hi = Sk
     if HAS_LEFT:
         lo = tl.maximum((pid_m * BLOCK_M) // G + off - window_left, 0)
+    pad = 0
+    if LEFTPAD:  # see [Note] leftpad
+        pad = tl.load(Leftpad + b)
+        lo = tl.maximum(lo, pad)
     if HAS_RIGHT:
         t_last = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, Sn - 1)
         hi = tl.minimum(t_last + off + window_right + 1, Sk)
@@ -247,8 +319,11 @@ def _decode_kernel(
     k_base = K + hkv * stride_kh
     v_base = V + hkv * stride_vh
     if PAGE_SIZE == 0:
-        k_base += b * stride_kb
-        v_base += b * stride_vb
+        b_cache = b
+        if BATCH_IDX:
+            b_cache = tl.load(BatchIdx + b).to(tl.int64)
+        k_base += b_cache * stride_kb
+        v_base += b_cache * stride_vb
         bt_base = BLOCK_TABLE  # None
     else:  # see [Note] page ids
         bt_base = BLOCK_TABLE + b * stride_btb
@@ -281,7 +356,8 @@ def _decode_kernel(
                 for j0 in range(tl.maximum(new_lo, BLOCK_NEW), new_hi, BLOCK_NEW):  # Sn > BLOCK_NEW only
                     offs_jn = j0 + offs_j
                     kv_ok = offs_jn < new_hi
-                    k = _load_new(kn_base, offs_jn, kv_ok, stride_kns, offs_d, HEAD_D, BLOCK_D, K)
+                    k = _new_keys(kn_base, offs_jn, kv_ok, stride_kns, offs_d, Sk_old, Cos, Sin, HEAD_D, BLOCK_D, K,
+                                  ROTARY, ROTARY_DIM)
                     v = _load_new(vn_base, offs_jn, kv_ok, stride_vns, offs_dv, HEAD_DV, BLOCK_DV, V)
                     m_i, l_i, acc = _attend_tile(q, k, v, Sk_old + offs_jn, 0, Sk_old + new_hi, pos, alibi_log2,
                                                  m_i, l_i, acc, qk_scale, softcap_scale, softcap_log2, window_left,
@@ -290,6 +366,8 @@ def _decode_kernel(
             for start_n in range(start, cache_end, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 kv_ok = offs_n < cache_end
+                if LEFTPAD:
+                    kv_ok = kv_ok & (offs_n >= pad)
                 if PAGE_SIZE == 0:
                     k_rows = offs_n.to(tl.int64) * stride_ks
                 else:
@@ -305,9 +383,9 @@ def _decode_kernel(
                             mask=_rows_mask(kv_ok, offs_d, HEAD_D, BLOCK_D), other=0.0)
                 v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],
                             mask=_rows_mask(kv_ok, offs_dv, HEAD_DV, BLOCK_DV), other=0.0)
-                m_i, l_i, acc = _attend_tile(q, k, v, offs_n, 0, cache_end, pos, alibi_log2, m_i, l_i, acc,
+                m_i, l_i, acc = _attend_tile(q, k, v, offs_n, pad, cache_end, pos, alibi_log2, m_i, l_i, acc,
                                              qk_scale, softcap_scale, softcap_log2, window_left, window_right,
-                                             SOFTCAP, ALIBI, HAS_LEFT, HAS_RIGHT, NEG_SCALE, False, DOT_PREC, exact)
+                                             SOFTCAP, ALIBI, HAS_LEFT, HAS_RIGHT, NEG_SCALE, LEFTPAD, DOT_PREC, exact)
 
     if HAS_NEW:
         if (pid_s == 0) & (pid_m == 0):  # one program per (b, hkv) appends the new keys
@@ -316,8 +394,9 @@ def _decode_kernel(
                 j_ok = offs_jn < n_new
                 k_rows, v_rows = _new_rows(Sk_old + offs_jn, j_ok, bt_base, stride_kb, stride_ks,
                                            stride_vb, stride_vs, PAGE_SIZE)
-                _store_rows(k_base, k_rows, _load_new(kn_base, offs_jn, j_ok, stride_kns, offs_d, HEAD_D,
-                                                      BLOCK_D, K), j_ok, offs_d, HEAD_D, BLOCK_D)
+                _store_rows(k_base, k_rows, _new_keys(kn_base, offs_jn, j_ok, stride_kns, offs_d, Sk_old, Cos, Sin,
+                                                      HEAD_D, BLOCK_D, K, ROTARY, ROTARY_DIM),
+                            j_ok, offs_d, HEAD_D, BLOCK_D)
                 _store_rows(v_base, v_rows, _load_new(vn_base, offs_jn, j_ok, stride_vns, offs_dv, HEAD_DV,
                                                       BLOCK_DV, V), j_ok, offs_dv, HEAD_DV, BLOCK_DV)
 
@@ -334,7 +413,8 @@ def _decode_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + t64 * stride_ls + pid_s * stride_lsplit, lse, mask=row_ok)
 
 
-def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, spec, *, plan):
+def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, spec, *, plan, rotary=None,
+                     cache_batch_idx=None, cache_leftpad=None):
     """Append k_new/v_new to the caches, then attend q (B, Sn, Hq, D) to the first
     cache_seqlens[b] (+ Sn with new keys) keys of each sequence.
 
@@ -343,8 +423,11 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
     stride 1. k_new/v_new: None, or (B, Sn, Hkv, D[v]) with last dim stride 1, written in
     place at positions cache_seqlens[b] .. + Sn (the caller checked the capacity).
     cache_seqlens int32 (B,) on device (never read on the host). ``plan`` is a
-    :class:`tileattn.backends.triton.plan.DecodePlan` for these shapes. Returns out (B, Sn, Hq, Dv) in
-    q.dtype (contiguous) and lse (B, Hq, Sn) float32 (natural log, sink included).
+    :class:`tileattn.backends.triton.plan.DecodePlan` for these shapes. ``rotary``: None or
+    (cos, sin, interleaved) with cos/sin (seqlen_ro, rotary_dim / 2) (k_new given);
+    ``cache_batch_idx``: None or int32 (B,) cache rows of a contiguous cache (B_cache, Smax, ...);
+    ``cache_leftpad``: None or int32 (B,) first key slots (see the kernel's notes). Returns out
+    (B, Sn, Hq, Dv) in q.dtype (contiguous) and lse (B, Hq, Sn) float32 (natural log, sink included).
     """
     B, Sn, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
@@ -363,8 +446,12 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
     has_new = k_new is not None
     alibi_slopes, sinks = spec.alibi_slopes, spec.sinks
     flags = spec.constexprs()
+    cos, sin, interleaved = rotary if rotary is not None else (None, None, False)
+    if cos is not None:  # row stride ROTARY_DIM / 2
+        cos, sin = cos.contiguous(), sin.contiguous()
     fast(_decode_kernel)[(B * Hkv, splits, plan.m_blocks)](
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, alibi_slopes, sinks, dst_o, dst_lse,
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, alibi_slopes, sinks, cos, sin,
+        cache_batch_idx, cache_leftpad, dst_o, dst_lse,
         q.stride(0), q.stride(1), q.stride(2),
         *(k_new.stride()[:3] if has_new else (0, 0, 0)), *(v_new.stride()[:3] if has_new else (0, 0, 0)),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -380,6 +467,8 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
         PAGE_SIZE=k_cache.shape[1] if paged else 0, NUM_SPLITS=splits, SPLIT=splits > 1,
         KV_SAME_ROWS=k_cache.stride()[:2] == v_cache.stride()[:2],
         **{name: flags[name] for name in ("HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "SINKS", "NEG_SCALE")},
+        ROTARY=0 if cos is None else 1 + bool(interleaved), ROTARY_DIM=0 if cos is None else 2 * cos.shape[1],
+        BATCH_IDX=cache_batch_idx is not None, LEFTPAD=cache_leftpad is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )

@@ -29,12 +29,15 @@ def plan_kvcache(q, k_cache, v_cache, block_table, num_splits=0, *, overrides=No
     return plan_decode(q, k_cache, v_cache, block_table, num_splits=num_splits, overrides=overrides)
 
 
-def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits, plan=None):
+def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, block_table, num_splits, rotary=None,
+                    cache_batch_idx=None, cache_leftpad=None, plan=None):
     """Backend contract (see ``tileattn.backends``): append k_new/v_new in place, then attend.
 
     q (B, Sn, Hq, D); caches (B, Smax, Hkv, D[v]) or paged (num_blocks, page_size, Hkv, D[v])
     with block_table int32 (B, max_blocks); k_new/v_new None or (B, Sn, Hkv, D[v]);
     cache_seqlens int32 (B,) on device. Query head h reads KV head h // (Hq // Hkv).
+    rotary (cos, sin, interleaved), cache_batch_idx, cache_leftpad: the decode features, fused
+    into the kernel (see ``decode.decode_attention``; None = off).
     ``plan``: a DecodePlan made for these shapes (reused across layers), else planned here.
     Returns out (B, Sn, Hq, Dv) in q.dtype and lse (B, Hq, Sn) float32.
     """
@@ -42,4 +45,5 @@ def forward_kvcache(q, k_cache, v_cache, k_new, v_new, spec, *, cache_seqlens, b
         plan = plan_decode(q, k_cache, v_cache, block_table, num_splits=num_splits)
     else:
         plan.check(q, v_cache)
-    return decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, spec, plan=plan)
+    return decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, spec, plan=plan,
+                            rotary=rotary, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
