@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from . import paged
+from . import _fastpath, paged
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -288,7 +288,7 @@ def kvcache(k_cache, v_cache, k, v, cache_seqlens, table, *, q=_UNSET, rows_mapp
         if not 0 <= cache_seqlens <= capacity - new:
             raise ValueError(f"tileattn: cache_seqlens={cache_seqlens} with Sn={new} new tokens must lie in "
                              f"[0, {capacity - new}]: the cache capacity is {capacity}")
-        cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=k_cache.device)
+        cache_seqlens = _fastpath.lengths(int(cache_seqlens), batch, k_cache.device)
     elif not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"tileattn: cache_seqlens must be an int32 tensor or an int, got {type(cache_seqlens).__name__}")
     cache_seqlens = index_tensor("cache_seqlens", cache_seqlens, ref, 1, ref_name)

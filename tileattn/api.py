@@ -13,10 +13,11 @@ bottom-right corner (flash-attn >= 2.1): with ``off = Sk - Sq``, row ``i`` keeps
 """
 
 import os
+from dataclasses import replace
 
 import torch
 
-from . import _checks, _kvprep, backends, ops
+from . import _checks, _fastpath, _kvprep, backends, ops, paged
 from .score import ScoreSpec
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "sdpa"]
@@ -59,6 +60,11 @@ def _seed(dropout_p: float):
     if dropout_p == 0.0:
         return None
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+
+
+def _interpreted(name: str, q: torch.Tensor) -> bool:
+    """Triton on CPU tensors (the interpreter): its environment check runs on every call."""
+    return name == "triton" and q.device.type == "cpu"
 
 
 def _unit_stride(*tensors):
@@ -104,6 +110,16 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         >>> tileattn.attention(q, k, v, causal=True).shape
         torch.Size([2, 100, 8, 64])
     """
+    key = None
+    if not torch.compiler.is_compiling():  # [Note] eager fast path (tileattn/_fastpath.py)
+        key = ("attention", torch.is_grad_enabled(),
+               *map(_fastpath.tensor_facts, (q, k, v, attn_mask, alibi_slopes, sinks)),
+               _fastpath.scalar_facts((causal, scale, window, softcap, dropout_p, deterministic, return_lse, backend)))
+        hit = _fastpath.recall(key)
+        if hit is not None:
+            name, spec, needs = hit
+            spec = spec if attn_mask is None else replace(spec, attn_mask=attn_mask)
+            return _run(q, k, v, None, None, q.shape[1], k.shape[1], spec, deterministic, return_lse, name, needs)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(name, t, 4)
     if k.shape[0] != q.shape[0] or v.shape[:2] != k.shape[:2]:
@@ -113,11 +129,16 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
                                          causal=causal, deterministic=deterministic, return_lse=return_lse,
                                          backend=backend)
     _checks.attn_mask(attn_mask, q, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
-    name = _backend(backend, q, _needs(q, k, v, sinks, attn_mask))
+    needs = _needs(q, k, v, sinks, attn_mask)
+    name = _backend(backend, q, needs)
+    given = (q, k, v)
     q, k, v = _unit_stride(q, k, v)
     spec = ScoreSpec.build(q.shape[-1], causal=causal, scale=scale, window=window, softcap=softcap,
                            alibi_slopes=alibi_slopes, sinks=sinks, attn_mask=attn_mask, dropout_p=dropout_p)
-    return _run(q, k, v, None, None, q.shape[1], k.shape[1], spec, deterministic, return_lse, name)
+    if (key is not None and all(a is b for a, b in zip((q, k, v), given)) and alibi_slopes is None
+            and sinks is None and not dropout_p and not _interpreted(name, q)):
+        _fastpath.remember(key, (name, replace(spec, attn_mask=None), needs))
+    return _run(q, k, v, None, None, q.shape[1], k.shape[1], spec, deterministic, return_lse, name, needs)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
@@ -156,19 +177,36 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     alibi_slopes, sinks = _common_checks(q, k, v, scale, window, softcap, dropout_p, alibi_slopes, sinks, batch,
                                          causal=causal, deterministic=deterministic, return_lse=return_lse,
                                          backend=backend)
-    name = _backend(backend, q, _needs(q, k, v, sinks))
+    needs = _needs(q, k, v, sinks)
+    name = _backend(backend, q, needs)
     q, k, v = _unit_stride(q, k, v)
     spec = ScoreSpec.build(q.shape[-1], causal=causal, scale=scale, window=window, softcap=softcap,
                            alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p)
     return _run(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), spec, deterministic,
-                return_lse, name)
+                return_lse, name, needs)
 
 
-def _run(q, k, v, cu_q, cu_k, max_q, max_k, spec, deterministic, return_lse, name):
-    """Call the attention op for ``spec`` (dense when cu_q is None, else varlen)."""
+def _run(q, k, v, cu_q, cu_k, max_q, max_k, spec, deterministic, return_lse, name, needs):
+    """Call the attention op for ``spec`` (dense when cu_q is None, else varlen). Eager calls
+    that need no backward (``needs``, from :func:`_needs`) skip autograd; a dense Triton call
+    with one query row and no mask or dropout runs the decode kernel (split-KV over the keys,
+    the keys as a full contiguous cache: the same bottom-right rule, many programs per head)."""
+    if torch.compiler.is_compiling():
+        fwd = ops.attention_fwd
+    elif needs == "forward" and not spec.dropout_p:
+        batch, hq = (q.shape[0] if cu_q is None else cu_q.numel() - 1), q.shape[-2]
+        if cu_q is None and name == "triton" and q.shape[1] == 1 and spec.attn_mask is None and q.numel() \
+                and k.shape[1]:
+            out, lse = ops.run_kvcache(name, q, k, v, None, None, spec.expanded(batch, hq),
+                                       _fastpath.lengths(k.shape[1], batch, k.device), None, 0)
+        else:
+            out, lse = ops.run_forward(name, q, k, v, spec.expanded(batch, hq, q.shape[1], k.shape[1]), cu_q, cu_k,
+                                       max_q, max_k)
+        return (out, lse) if return_lse else out
+    else:
+        fwd = ops.EagerAttention.apply
     mask = spec.attn_mask
     mask_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
-    fwd = ops.attention_fwd if torch.compiler.is_compiling() else ops.EagerAttention.apply
     out, lse = fwd(q, k, v, cu_q, cu_k, max_q, max_k, *spec.op_fields(), _seed(spec.dropout_p),
                    bool(deterministic), mask_grad, name)
     return (out, lse) if return_lse else out
@@ -226,8 +264,26 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         >>> q = torch.randn(2, 1, 8, 64); k = v = torch.randn(2, 1, 2, 64)
         >>> out = tileattn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=10)
     """
+    plain = rotary_cos is None and rotary_sin is None and cache_batch_idx is None and cache_leftpad is None
+    key = None
+    if plain and not torch.compiler.is_compiling():  # [Note] eager fast path (tileattn/_fastpath.py)
+        key = ("kvcache", int if type(cache_seqlens) is int else _fastpath.tensor_facts(cache_seqlens),
+               *map(_fastpath.tensor_facts, (q, k_cache, v_cache, k, v, block_table, alibi_slopes, sinks)),
+               _fastpath.scalar_facts((causal, scale, window, softcap, num_splits, return_lse, backend)))
+        hit = _fastpath.recall(key)
+        if hit is not None:
+            name, spec, limit = hit
+            if type(cache_seqlens) is int:
+                ok = 0 <= cache_seqlens <= limit  # else the checks below raise
+                lengths = _fastpath.lengths(cache_seqlens, q.shape[0], k_cache.device) if ok else None
+            else:
+                ok, lengths = not _checks.debug_checks(cache_seqlens), cache_seqlens
+            if ok:
+                out, lse = ops.run_kvcache(name, q, k_cache, v_cache, k, v, spec, lengths, block_table, num_splits)
+                return (out, lse) if return_lse else out
+    given = (q, k, v, cache_seqlens, block_table)
     rotary = None
-    if not (rotary_cos is None and rotary_sin is None and cache_batch_idx is None and cache_leftpad is None):
+    if not plain:
         _checks.flag("rotary_interleaved", rotary_interleaved)
         cache_seqlens, rotary, cache_batch_idx, cache_leftpad = _kvprep.prepare(
             q, k_cache, k, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved, cache_batch_idx,
@@ -250,6 +306,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     # eager calls skip the dispatcher's overhead on the decode hot path; compile sees the op
     run = ops.attention_kvcache if torch.compiler.is_compiling() else ops.kvcache_impl
     grad_inputs = [t for t in (q, k, v) if t is not None and t.requires_grad]
+    int_lengths = type(given[3]) is int
+    same = all(a is b for a, b in zip(given, (q, k, v, given[3] if int_lengths else cache_seqlens, block_table)))
+    if (key is not None and same and not any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v))
+            and alibi_slopes is None and sinks is None
+            and (int_lengths or not _checks.debug_checks(cache_seqlens)) and not _interpreted(name, q)):
+        limit = paged.capacity(k_cache, block_table) - (0 if k is None else q.shape[1])
+        _fastpath.remember(key, (name, ScoreSpec(scale=scale, window=(left, right), softcap=softcap), limit))
     with torch.no_grad():
         out, lse = run(*args)
     if grad_inputs and torch.is_grad_enabled():

@@ -7,7 +7,8 @@ mask as stride-0 expands), then call the backend (see tileattn/backends/__init__
 autograd.
 Registering them as custom ops makes every entry point traceable by
 ``torch.compile(fullgraph=True)``; eager calls take the same implementations through
-``EagerAttention`` / ``kvcache_impl`` directly, skipping the dispatcher's host overhead.
+``EagerAttention`` / ``kvcache_impl`` directly, skipping the dispatcher's host overhead, and
+calls that need no backward skip autograd too (``run_forward`` / ``run_kvcache``).
 """
 
 from typing import Optional
@@ -54,6 +55,12 @@ def fwd_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
     """Forward of attention / attention_varlen -> (out, lse)."""
     spec = _spec(q, k, cu_seqlens_q, scale, window_left, window_right, softcap, alibi_slopes, sinks, attn_mask,
                  dropout_p, seed)
+    return run_forward(backend, q, k, v, spec, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def run_forward(backend, q, k, v, spec, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """The backend's forward for ``spec`` in its full-shape view -> (out, lse) contiguous: the
+    body of ``fwd_impl``, and what an eager call that needs no backward runs directly."""
     lengths = _lengths(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out, lse = backends.get(backend).forward(q, k, v, spec, **lengths)
     return out.contiguous(), lse.contiguous()
@@ -190,6 +197,15 @@ def kvcache_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Optional[Te
     out, lse = backends.get(backend).forward_kvcache(
         q, k_cache, v_cache, k_new, v_new, spec, cache_seqlens=cache_seqlens, block_table=block_table,
         num_splits=num_splits, rotary=rotary, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    return out.contiguous(), lse.contiguous()
+
+
+def run_kvcache(backend, q, k_cache, v_cache, k_new, v_new, spec, cache_seqlens, block_table, num_splits):
+    """The backend's ``forward_kvcache`` of a plain call (no rotary, batch index or leftpad) for
+    ``spec`` in its full-shape view -> (out, lse) contiguous: what the eager fast path runs."""
+    out, lse = backends.get(backend).forward_kvcache(
+        q, k_cache, v_cache, k_new, v_new, spec, cache_seqlens=cache_seqlens, block_table=block_table,
+        num_splits=num_splits)
     return out.contiguous(), lse.contiguous()
 
 
