@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import assert_close, randn, to_paged
 
-from tileattn import reference
+from tileattn import paged, reference
 from tileattn.backends.triton.kvcache import choose_num_splits, forward_kvcache, plan_kvcache
 from tileattn.score import ScoreSpec
 
@@ -32,24 +32,36 @@ def _cache(B, smax, Hkv, D, Dv, dtype, device, page=None, fused=False):
 
 
 def _check(q, kc, vc, kn, vn, lens, table, *, window=(-1, 0), softcap=0.0, alibi=None, sinks=None,
-           num_splits=0, scale=None):
-    """Run the kernel and the oracle on copies of the caches; compare out, lse, appended caches."""
+           num_splits=0, scale=None, rotary=None, batch_idx=None, leftpad=None):
+    """Run the kernel and the oracle on copies of the caches; compare out, lse, appended caches.
+    ``rotary`` (cos, sin, interleaved), ``batch_idx``, ``leftpad``: the decode features; with
+    rotary the appended (rotated) keys are compared by the tolerance rule, else bitwise."""
     causal = window[1] == 0
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kw = dict(cache_seqlens=lens, block_table=table, softcap=softcap, alibi_slopes=alibi, sinks=sinks,
-              causal=causal, window=(window[0], -1) if causal else window, scale=scale)
-    ref = {}
+              causal=causal, window=(window[0], -1) if causal else window, scale=scale,
+              cache_batch_idx=batch_idx, cache_leftpad=leftpad)
+    if rotary is not None:
+        kw.update(rotary_cos=rotary[0], rotary_sin=rotary[1], rotary_interleaved=rotary[2])
+    ref, caches = {}, {}
     for upcast in (True, False):
-        kr, vr = kc.clone(), vc.clone()
+        caches[upcast] = kr, vr = kc.clone(), vc.clone()
         ref[upcast] = reference.attention_with_kvcache(q, kr, vr, kn, vn, upcast=upcast, **kw)
     k_run, v_run = kc.clone(), vc.clone()
     spec = ScoreSpec(scale=scale, window=window, softcap=softcap, alibi_slopes=alibi, sinks=sinks)
     out, lse = forward_kvcache(q, k_run, v_run, kn, vn, spec, cache_seqlens=lens, block_table=table,
-                               num_splits=num_splits)
+                               num_splits=num_splits, rotary=rotary, cache_batch_idx=batch_idx, cache_leftpad=leftpad)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     assert_close("out", out, ref[True][0], ref[False][0])
     assert_close("lse", lse, ref[True][1], ref[False][1], dtype=q.dtype)
-    assert torch.equal(k_run, kr) and torch.equal(v_run, vr), "appended cache differs from the oracle's"
+    bitwise = dict(rtol=0, atol=0, equal_nan=True, msg="appended cache differs from the oracle's")
+    torch.testing.assert_close(v_run, vr, **bitwise)
+    if rotary is None:
+        torch.testing.assert_close(k_run, kr, **bitwise)
+    else:  # fp32 rotation vs the oracle's float64 / q-dtype ones; untouched slots bitwise
+        assert_close("k_cache", k_run, caches[True][0], caches[False][0])
+        same = (caches[True][0] == kc).all(-1)
+        assert torch.equal(k_run[same], kc[same]) and not same.all()
     return out, lse
 
 
@@ -288,6 +300,80 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 8, 32768, 132, m_blocks=4) == 4
 
 
+# ------------------------------------------------- decode features (rotary, cache_batch_idx, cache_leftpad)
+
+
+def _rotary(seqlen_ro, rotary_dim, interleaved, dtype, device):
+    """(cos, sin, interleaved) of random angles, (seqlen_ro, rotary_dim / 2) in dtype."""
+    angles = torch.rand(seqlen_ro, rotary_dim // 2, device=device) * 6
+    return angles.cos().to(dtype), angles.sin().to(dtype), interleaved
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("Sn", [1, 3])
+@pytest.mark.parametrize("page,dtype", [(None, torch.float32), (5, torch.float16)])
+def test_rotary(device, interleaved, Sn, page, dtype):
+    """q and the new keys turned on their first 24 of 40 dims at cache_seqlens + i (q's rows all
+    at cache_seqlens when neither causal nor windowed); the rotated keys are appended."""
+    q, kc, vc, kn, vn, lens, table = _case(3, Sn, 4, 2, 40, [0, 13, 70 - Sn], 70, dtype, device, page=page)
+    rotary = _rotary(80, 24, interleaved, dtype, device)
+    for splits in (1, 3):
+        _check(q, kc, vc, kn, vn, lens, table, rotary=rotary, num_splits=splits)
+    _check(q, kc, vc, kn, vn, lens, table, window=(-1, -1), rotary=rotary, num_splits=3)
+    _check(q, kc, vc, kn, vn, lens, table, window=(9, 1), rotary=rotary, num_splits=1)
+
+
+def test_rotary_new_tokens_span_several_tiles(device, monkeypatch):
+    """Sn = 21 over 16-key tiles: new keys attended tile by tile (past BLOCK_NEW) and appended
+    in several tiles, each rotated at its own position."""
+    monkeypatch.setenv("TILEATTN_DECODE_BLOCK_N", "16")
+    q, kc, vc, kn, vn, lens, table = _case(2, 21, 4, 2, 32, [0, 30], 60, torch.float32, device, page=7)
+    _check(q, kc, vc, kn, vn, lens, table, rotary=_rotary(64, 32, True, torch.float32, device), num_splits=3)
+
+
+@pytest.mark.parametrize("Sn", [1, 3])
+@pytest.mark.parametrize("rows", [[2, 0, 1], [4, 0, 2]])
+def test_cache_batch_idx(device, Sn, rows):
+    """Batch row b reads and appends to cache row cache_batch_idx[b]: a permutation of the 3
+    cache rows, and a subset of 5 (rows 1 and 3 untouched)."""
+    q, kc, vc, kn, vn, lens, _ = _case(3, Sn, 4, 2, 40, [7, 0, 90], 100, torch.float32, device)
+    kc, vc = _cache(max(rows) + 1, 100, 2, 40, 40, torch.float32, device)[:2]
+    idx = torch.tensor(rows, dtype=torch.int32, device=device)
+    for splits in (1, 3):
+        _check(q, kc, vc, kn, vn, lens, None, batch_idx=idx, num_splits=splits)
+
+
+@pytest.mark.parametrize("Sn", [1, 3])
+@pytest.mark.parametrize("page", [None, 5])
+def test_cache_leftpad(device, Sn, page):
+    """Keys from slot leftpad[b]: 0, one inside a 64-key tile (first tile partly masked),
+    a tile-aligned one, and leftpad == cache_seqlens (only the new keys). The padding slots
+    hold NaN: never loaded, so they reach nothing (also where no exact pass would contain them:
+    not causal, one split). Causal, windowed with ALiBi, split or not."""
+    q, kc, vc, kn, vn, lens, table = _case(4, Sn, 4, 2, 40, [9, 100, 80, 33], 110, torch.float32, device, page=page)
+    pad = torch.tensor([0, 70, 64, 33], dtype=torch.int32, device=device)
+    for b, p in enumerate(pad.tolist()):  # junk in the padding slots
+        for cache in (kc, vc):
+            cache[paged.row_index(cache, table, b, torch.arange(p, device=device))] = float("nan")
+    alibi = torch.rand(4, 4, device=device)
+    for splits in (1, 3):
+        _check(q, kc, vc, kn, vn, lens, table, leftpad=pad, num_splits=splits)
+        _check(q, kc, vc, kn, vn, lens, table, leftpad=pad, window=(20, 0), alibi=alibi, num_splits=splits)
+    _check(q, kc, vc, kn, vn, lens, table, leftpad=pad, window=(-1, -1), num_splits=1)
+    out, _ = _check(q, kc, vc, None, None, lens, table, leftpad=pad, num_splits=3)  # row 3: no keys
+    assert (out[3] == 0).all() and out.isfinite().all()
+
+
+def test_all_decode_features(device):
+    """Rotary (halves, 16 of 40 dims) + batch index + leftpad + softcap, chunked prefill."""
+    q, kc, vc, kn, vn, lens, _ = _case(2, 5, 4, 2, 40, [30, 77], 90, torch.float16, device)
+    kc, vc = _cache(3, 90, 2, 40, 40, torch.float16, device)[:2]
+    idx = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    pad = torch.tensor([11, 64], dtype=torch.int32, device=device)
+    _check(q, kc, vc, kn, vn, lens, None, rotary=_rotary(90, 16, False, torch.float16, device), batch_idx=idx,
+           leftpad=pad, softcap=3.0, num_splits=3)
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 
@@ -351,3 +437,26 @@ def test_cuda_graph_replay(page):
         assert_close("out", out, ref[True][0], ref[False][0])
         assert_close("lse", lse, ref[True][1], ref[False][1], dtype=q.dtype)
         assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 16, 256])
+@pytest.mark.parametrize("Sn", [1, 4])
+def test_decode_features_bf16_gpu(page, Sn):
+    """bf16 on the H200: rotary (both modes, partial and full), batch index (contiguous) and
+    leftpad over long caches, split and not."""
+    B, Hq, Hkv, D = 4, 32, 8, 128
+    q, kc, vc, kn, vn, lens, table = _case(B, Sn, Hq, Hkv, D, [0, 1, 1000, 3000], 3072, torch.bfloat16, "cuda",
+                                           page=page)
+    pad = torch.tensor([0, 1, 333, 2048], dtype=torch.int32, device="cuda")
+    for interleaved, rotary_dim in ((False, 128), (True, 64)):
+        rotary = _rotary(3100, rotary_dim, interleaved, torch.bfloat16, "cuda")
+        for splits in (0, 1, 7):
+            _check(q, kc, vc, kn, vn, lens, table, rotary=rotary, leftpad=pad, num_splits=splits)
+        _check(q, kc, vc, kn, vn, lens, table, window=(-1, -1), rotary=rotary, num_splits=0)
+    _check(q, kc, vc, kn, vn, lens, table, leftpad=pad, window=(500, 0), alibi=torch.rand(B, Hq, device="cuda"))
+    if page is None:
+        kc6, vc6 = _cache(6, 3072, Hkv, D, D, torch.bfloat16, "cuda")[:2]
+        idx = torch.tensor([5, 0, 3, 1], dtype=torch.int32, device="cuda")
+        for splits in (0, 1):
+            _check(q, kc6, vc6, kn, vn, lens, None, batch_idx=idx, leftpad=pad, num_splits=splits)
