@@ -18,8 +18,8 @@ Return values, as flash-attn's:
     probabilities and its dropout stream (tileattn/_philox.py) is not flash-attn's.
 
 Differences (docs/compat.md): a negative ``softcap`` raises (flash-attn treats it as off);
-``flash_attn_with_kvcache``'s rotary / cache_batch_idx / cache_leftpad are host-side rewrites,
-not fused into the kernel; it has no backward, as flash-attn's.
+``flash_attn_with_kvcache`` has no backward, as flash-attn's (its rotary / cache_batch_idx /
+cache_leftpad are fused into the Triton decode kernel).
 """
 
 import torch
@@ -237,7 +237,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_leftpad: int32 (B,): row b's keys start at slot cache_leftpad[b] (paged caches too).
         causal: default False here (flash-attn's), bottom-right aligned against the cache.
         num_splits: split-KV count, 0 = automatic. Other arguments as :func:`flash_attn_func`.
-        Rotary, batch index and leftpad are host-side rewrites (tileattn/_kvprep.py), not fused.
+        Rotary, batch index and leftpad are fused into the Triton decode kernel.
 
     Returns:
         out (B, Sn, H, Dv) [, softmax_lse (B, H, Sn) float32]. No backward (as flash-attn).
