@@ -70,6 +70,11 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
     head_d, head_dv = q.shape[-1], v.shape[-1]
     bplan = _plan.plan_backward(q, k, v, dout, spec, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                                 varlen=varlen)
+    if bplan.kernel == "gluon" and not deterministic:  # fused sm_90 kernel (dQ by atomics); None: run tl
+        from tileattn.backends.triton.gluon.backward_launch import backward as gluon_backward
+        grads = gluon_backward(dout, q, k, v, out, lse, spec.scale, spec.window[1] == 0)
+        if grads is not None:
+            return (*grads, None, dmask)
     block_d, block_dv, use_tma = bplan.block_d, bplan.block_dv, bplan.use_tma
     dq_group, dkdv_group = bplan.head_groups(batch, hq, hkv, max_seqlen_q, max_seqlen_k)
     score_flags = spec.constexprs()

@@ -14,12 +14,13 @@ step). Choices:
 """
 
 import functools
+import os
 from dataclasses import dataclass
 
 from . import configs as C
 from .facts import (Overrides, active, bucket, device_target, first_misaligned, head_block, knob_autotune, knob_tma,
                     tma_rule)
-from .forward import FLAG_NAMES, KernelPlan, flag_text, table_configs
+from .forward import FLAG_NAMES, KernelPlan, flag_text, gluon_rule, table_configs
 
 _HAS_RIGHT = FLAG_NAMES.index("HAS_RIGHT")
 
@@ -53,6 +54,8 @@ class BackwardPlan(KernelPlan):
 
     dq: PassConfigs
     dkdv: PassConfigs
+    kernel: str = "tl"  # "gluon": the fused sm_90 kernel (gluon/backward_sm90.py) runs unless deterministic
+    kernel_why: str = ""
 
     def head_groups(self, batch, hq, hkv, max_seqlen_q, max_seqlen_k) -> tuple:
         """(dQ, dK/dV) heads per scheduling group: dQ programs re-read k/v of max_seqlen_k keys,
@@ -65,7 +68,13 @@ class BackwardPlan(KernelPlan):
     def describe(self, spec=None, shape=None) -> str:
         """``shape`` = (batch, hq, hkv, max_seqlen_q, max_seqlen_k) adds the head grouping."""
         groups = self.head_groups(*shape) if shape is not None else None
-        lines = [f"{self.header('backward')}, {'varlen' if self.varlen else 'dense'}",
+        if self.kernel == "gluon":
+            kernel = ("gluon bwd_kernel (FA3 design: one pass per 128 keys, two 64-key wgmma consumer warpgroups, "
+                      "TMA loader warp, dQ by fp32 atomics); deterministic=True, and causal calls whose inputs "
+                      "hold non-finite values, run the tl kernels below")
+        else:
+            kernel = f"tl kernels below ({self.kernel_why})"
+        lines = [f"{self.header('backward')}, {'varlen' if self.varlen else 'dense'}", f"  kernel: {kernel}",
                  f"  features: {flag_text(self.spec_key, spec)}",
                  f"  loads (inner-loop tiles of both kernels): {self.loads_why}"]
         for i, (name, what, p) in enumerate((
@@ -83,6 +92,15 @@ class BackwardPlan(KernelPlan):
         return "\n".join(lines)
 
 
+def gluon_bwd_rule(q, k, v, spec, varlen, ov, target):
+    """(run the Gluon fused backward?, why not): ``TILEATTN_GLUON_BWD=1`` (off by default until
+    verified on the H200) and the forward's :func:`~.forward.gluon_rule` (dense 16-bit, D == Dv
+    in {64, 128}, plain or causal, positive scale, sm_90, no forced configs or loads)."""
+    if os.environ.get("TILEATTN_GLUON_BWD") != "1":
+        return False, "TILEATTN_GLUON_BWD=1 not set: the Gluon fused backward is off by default"
+    return gluon_rule(q, k, v, spec, varlen, ov, target)
+
+
 def plan_backward(q, k, v, dout, spec, *, max_seqlen_q, max_seqlen_k, varlen=False,
                   overrides: Overrides = None, target=None) -> BackwardPlan:
     """Plan the Triton backward of ``spec`` over these tensors (lengths: the dense Sq/Sk or the
@@ -98,7 +116,7 @@ def plan_backward(q, k, v, dout, spec, *, max_seqlen_q, max_seqlen_k, varlen=Fal
         misaligned = first_misaligned({"q": q, "k": k, "v": v, "dout": dout}, {"q": q.shape[-1], "v": v.shape[-1]})
     small = bucket(max_seqlen_q) * bucket(max_seqlen_k) < C.BWD_TUNE_MIN_WORK
     return _plan(target, q.dtype, q.shape[-1], v.shape[-1], spec.key(), bool(varlen), small, long, tma_env,
-                 misaligned, knob_autotune(), ov)
+                 misaligned, knob_autotune(), ov, gluon_bwd_rule(q, k, v, spec, varlen, ov, target))
 
 
 def _pass_configs(name, table, forced, target, dtype, block_d, block_dv, small, autotune_env, ov) -> PassConfigs:
@@ -120,7 +138,7 @@ def _pass_configs(name, table, forced, target, dtype, block_d, block_dv, small, 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(target, dtype, head_dim, head_dim_v, spec_key, varlen, small, long, tma_env, misaligned, autotune_env,
-          ov) -> BackwardPlan:
+          ov, gluon) -> BackwardPlan:
     block_d, block_dv = head_block(head_dim), head_block(head_dim_v)
     if ov.use_tma is None:
         gate = (long, f"longest sequence < {C.BWD_TMA_MIN_SEQLEN} (per-program descriptor setup outweighs TMA)")
@@ -131,7 +149,7 @@ def _plan(target, dtype, head_dim, head_dim_v, spec_key, varlen, small, long, tm
     facts = (target, dtype, block_d, block_dv, small, autotune_env, ov)
     return BackwardPlan(target.name, target.desc, dtype, head_dim, head_dim_v, block_d, block_dv, spec_key, varlen,
                         bool(use_tma), loads_why, _pass_configs("dq", C.DQ, ov.dq, *facts),
-                        _pass_configs("dkdv", C.DKDV, ov.dkdv, *facts))
+                        _pass_configs("dkdv", C.DKDV, ov.dkdv, *facts), "gluon" if gluon[0] else "tl", gluon[1])
 
 
 cache_clear = _plan.cache_clear

@@ -1,0 +1,77 @@
+"""Offline sm_90 compile of the Gluon fused backward (no GPU needed): registers, stack (spills),
+shared memory, HGMMA / setmaxnreg / local-memory / atomic counts per variant (bf16, D = 64 / 128,
+causal or not).
+
+    python scripts/gluon_bwd_sass.py                 # every variant
+    python scripts/gluon_bwd_sass.py "d128 causal"   # only labels containing this
+    SASS_DIR=dir python scripts/gluon_bwd_sass.py    # keep each variant's SASS, PTX and TTGIR
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+from triton.runtime.jit import mangle_type  # noqa: E402
+
+from tileattn.backends.triton.gluon import backward_sm90 as G  # noqa: E402
+from tileattn.backends.triton.gluon.backward_launch import descriptors  # noqa: E402
+
+PTRS = {"DK": "*bf16", "DV": "*bf16", "DQAcc": "*fp32", "Lse2": "*fp32", "Delta": "*fp32", "LogL": "*fp32"}
+
+
+def compile_one(D, causal, dtype=torch.bfloat16):
+    q = torch.empty(2, 256, 4, D, dtype=dtype)
+    k = torch.empty(2, 256, 2, D, dtype=dtype)
+    values = dict(zip(("q_desc", "do_desc", "k_desc", "v_desc", "kc_desc"), descriptors(q, k, k, q)))
+    meta = dict(STAGES=2 if D > 64 else 3, CAUSAL=causal)
+    fn = G.bwd_kernel
+    sig, cx, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if fn.params[i].is_constexpr:
+            sig[name], cx[name] = "constexpr", meta[name]
+        elif name in values:
+            sig[name] = mangle_type(values[name])
+        elif name in PTRS:
+            sig[name] = PTRS[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("scale", "qk_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    k = triton.compile(GluonASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 128),
+                       options=dict(num_warps=4, maxnreg=168))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        open(cubin, "wb").write(k.asm["cubin"])
+        sass, res = (subprocess.run([cuobjdump, flag, cubin], capture_output=True, text=True).stdout
+                     for flag in ("-sass", "-res-usage"))
+    label = f"bwd d{D} {'causal' if causal else 'plain'}"
+    if os.environ.get("SASS_DIR"):
+        for ext, text in (("sass", sass), ("ptx", k.asm["ptx"]), ("ttgir", k.asm["ttgir"])):
+            open(os.path.join(os.environ["SASS_DIR"], f"{label.replace(' ', '_')}.{ext}"), "w").write(text)
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
+    count = lambda pat: len(re.findall(pat, sass))  # noqa: E731
+    setmaxnreg = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+\d+", k.asm["ptx"])
+    return (f"{label:<18} regs {regs} stack {stack} smem {k.metadata.shared} HGMMA {count(r'HGMMA')} "
+            f"RED {count(r'RED')} STL {count(r'STL')} LDL {count(r'LDL')} "
+            f"setmaxnreg {[int(x.split()[-1]) for x in setmaxnreg]}")
+
+
+if __name__ == "__main__":
+    only = sys.argv[1:]
+    for D in (64, 128):
+        for causal in (False, True):
+            label = f"bwd d{D} {'causal' if causal else 'plain'}"
+            if only and not any(o in label for o in only):
+                continue
+            try:
+                print(compile_one(D, causal), flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"{label:<18} ERROR {type(e).__name__}: {str(e)[:3000]}", flush=True)
