@@ -65,7 +65,8 @@ def case(page, same_rows, vstride_scale=1, splits=16, **features):
     consts = dict(G=4, HEAD_D=128, HEAD_DV=128, BLOCK_M=16, BLOCK_N=128, BLOCK_NEW=16, BLOCK_D=128,
                   BLOCK_DV=128, HAS_NEW=True, PAGE_SIZE=page, KV_SAME_ROWS=same_rows, NUM_SPLITS=splits,
                   SPLIT=splits > 1, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, ALIBI=False, SINKS=False,
-                  DOT_PREC="tf32", NEG_SCALE=False, ROTARY=0, ROTARY_DIM=0, BATCH_IDX=False, LEFTPAD=False)
+                  DOT_PREC="tf32", NEG_SCALE=False, ROTARY=0, ROTARY_DIM=0, BATCH_IDX=False, LEFTPAD=False,
+                  HIDES=False)
     consts.update(features)
     # trees before the one constexpr naming (score.py): HEAD_DIM, HAS_SOFTCAP, ..., pointers ALIBI / SINKS
     if "HEAD_DIM" in fn.arg_names:

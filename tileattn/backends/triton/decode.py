@@ -249,7 +249,8 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, SINKS: tl.constexpr, ROTARY: tl.constexpr, ROTARY_DIM: tl.constexpr,
-    BATCH_IDX: tl.constexpr, LEFTPAD: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr = False,
+    BATCH_IDX: tl.constexpr, LEFTPAD: tl.constexpr, HIDES: tl.constexpr, DOT_PREC: tl.constexpr,
+    NEG_SCALE: tl.constexpr = False,
 ):
     """One (b, hkv, split, row block): partial attention of BLOCK_M packed rows over its keys;
     with new keys (HAS_NEW), program (b, hkv, 0, 0) also appends them (see [Note] new keys).
@@ -338,8 +339,8 @@ def _decode_kernel(
         new_hi = tl.minimum(end - Sk_old, n_new)
     cache_end = tl.minimum(end, Sk_old)
     # Pass 1 (score [Note] hidden values): only when pass 0 left a non-finite row and a loaded key
-    # may be hidden (the window, or the new-key tile's keys of other splits)
-    for exact in tl.static_range(1 + (HAS_LEFT or HAS_RIGHT or (HAS_NEW and NUM_SPLITS > 1))):
+    # may be hidden from some row (HIDES, decode_attention says when)
+    for exact in tl.static_range(1 + HIDES):
         if exact:
             redo = any_nonfinite(acc)
         else:
@@ -413,6 +414,14 @@ def _decode_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + t64 * stride_ls + pid_s * stride_lsplit, lse, mask=row_ok)
 
 
+def _hides(flags, Sn, has_new, splits) -> bool:
+    """Can a key this kernel loads be hidden from one of its rows (score [Note] hidden values)?
+    The window's left side cuts the first tile; with several new tokens causal hides later new
+    keys from earlier rows, and a split's new-key tile holds other splits' keys. One new token
+    without a left side keeps every key it loads (past the end: zero-filled)."""
+    return bool(flags["HAS_LEFT"] or (Sn > 1 and (flags["HAS_RIGHT"] or (has_new and splits > 1))))
+
+
 def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, spec, *, plan, rotary=None,
                      cache_batch_idx=None, cache_leftpad=None):
     """Append k_new/v_new to the caches, then attend q (B, Sn, Hq, D) to the first
@@ -469,6 +478,7 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_tab
         **{name: flags[name] for name in ("HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "ALIBI", "SINKS", "NEG_SCALE")},
         ROTARY=0 if cos is None else 1 + bool(interleaved), ROTARY_DIM=0 if cos is None else 2 * cos.shape[1],
         BATCH_IDX=cache_batch_idx is not None, LEFTPAD=cache_leftpad is not None,
+        HIDES=_hides(flags, Sn, has_new, splits),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
