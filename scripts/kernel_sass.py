@@ -47,7 +47,7 @@ def build(fn, feat, varlen):
             if name == "Sinks" and not feat.get("SINKS"): sig[name]="constexpr"; cx[name]=None; continue
             if name == "Slopes" and not feat.get("ALIBI"): sig[name]="constexpr"; cx[name]=None; continue
             if name == "DMask" : sig[name]="constexpr"; cx[name]=None; continue
-            if name == "Flags": sig[name]="constexpr"; cx[name]=None; continue
+            if name == "Flags": sig[name]="constexpr"; cx[name]=None; continue  # FLAG_ROWS=False: never read
             if name == "SinkDelta" and not feat.get("SINKS"): sig[name]="*fp32"; attrs[(i,)] = [["tt.divisibility", 16]]; continue
             sig[name] = "*i1" if name == "Mask" and feat.get("MASK_KIND") == 1 else PTR.get(name, "*bf16"); attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "softcap_scale", "softcap_log2", "dropout_p", "scale", "x_scale"):

@@ -281,7 +281,7 @@ def test_redo_recomputes_only_flagged_row_blocks(device):
     lse = torch.full((1, 2, 40), 7.0, device=device)
     flags = torch.zeros(1, 2, 40, dtype=torch.int8, device=device)
     flags[0, 1, 20] = 1  # head 1, row block 16..31
-    launch_tl(q, k, v, out, lse, (lse.stride(0), lse.stride(1)), spec, fplan, 1, 40, 40, 40, 40, flags=flags)
+    launch_tl(q, k, v, out, lse, (lse.stride(0), lse.stride(1)), spec, fplan, 1, 40, 40, 40, 40, flags=flags, redo=True)
     hi, lo = (reference.attention(q, k, v, scale=0.25, causal=True, upcast=u) for u in (True, False))
     redone = torch.zeros(40, 2, dtype=torch.bool, device=device)
     redone[16:32, 1] = True

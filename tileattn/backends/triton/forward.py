@@ -46,11 +46,12 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK, 
                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SINKS: tl.constexpr, DROPOUT: tl.constexpr,
                 USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr = False,
-                REDO: tl.constexpr = False):
+                FLAG_ROWS: tl.constexpr = False, REDO: tl.constexpr = False):
     """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,). tune_sq/tune_sk: autotune key only.
-    NEG_SCALE: qk_scale < 0 (score [Note] negative scale). REDO (dense only): recompute only
-    the row blocks with a nonzero row in Flags (int8, laid out as Lse): the rows the Gluon
-    forward left non-finite (gluon forward_sm90 [Note] hidden values); other programs exit."""
+    NEG_SCALE: qk_scale < 0 (score [Note] negative scale). Flags: int8 laid out as Lse, one per
+    row (score [Note] hidden values): FLAG_ROWS stores whether the row's out ended non-finite;
+    REDO recomputes only the row blocks holding a flagged row (with the exact pass 1), the
+    other programs exit. The launcher runs REDO after a FLAG_ROWS launch or the Gluon forward."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
     off_bh = pid // num_m
@@ -64,21 +65,20 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK, 
     if m0 >= seqlen_q:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    # lse (and the row flags) of this program's rows
+    l_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
     if REDO:
-        flags = tl.load(Flags + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + offs_m,
-                        mask=offs_m < seqlen_q, other=0)
-        if tl.max(flags, 0) == 0:
+        if tl.max(tl.load(Flags + l_off + offs_m, mask=offs_m < seqlen_q, other=0), 0) == 0:
             return
 
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    l_base = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
+    l_base = Lse + l_off
     if IS_VARLEN:
         q_base += q_start.to(tl.int64) * stride_qm
         o_base += q_start.to(tl.int64) * stride_om
-        l_base += q_start.to(tl.int64)
         k_base += k_start.to(tl.int64) * stride_kn
         v_base += k_start.to(tl.int64) * stride_vn
     if USE_TMA:
@@ -108,63 +108,60 @@ def _fwd_kernel(Q, K, V, Out, Lse, Sinks, Slopes, Mask, CuSeqlensQ, CuSeqlensK, 
                           False)
     offs_n0 = tl.arange(0, BLOCK_N)
     # regions (score.py): 0 left edge (only with a left window side), 1 fully kept middle, 2 right
-    # edge; edge tiles (region != 1) may hold dropped keys (keep_tile, masked loads). Pass 1 runs
-    # only when pass 0 left a non-finite row and some key may be hidden (score [Note] hidden values):
-    # it recomputes acc with the final m_i and contains the non-finite values.
-    for exact in tl.static_range(1 + (MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT)):
+    # edge; edge tiles (region != 1) may hold dropped keys (keep_tile, masked loads). A REDO launch
+    # runs pass 1 after pass 0: acc again with the final m_i, non-finite values contained (score
+    # [Note] hidden values).
+    for exact in tl.static_range(1 + REDO):
         if exact:
-            redo = any_nonfinite(acc)
             m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        else:
-            redo = True
-        if redo:
-            if exact:
-                acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-            for region in tl.static_range(1 - HAS_LEFT, 3):
-                for start_n in range(ranges[region], ranges[region + 1], BLOCK_N):
-                    start_n = tl.multiple_of(start_n, BLOCK_N)
-                    offs_n = start_n + offs_n0
-                    if USE_TMA:
-                        k = k_src.load([start_n, 0])
-                    else:
-                        k = load_rows(k_src, start_n, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, region != 1,
-                                      HEAD_D != BLOCK_D)
-                    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                    mask_tile = load_mask_tile(mask_base, m0, start_n, stride_mm, stride_mn, seqlen_q, seqlen_k,
-                                               BLOCK_M, BLOCK_N, MASK_KIND)
-                    x, x_scale = step_input(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2,
-                                            alibi_log2, mask_tile, SOFTCAP, ALIBI, MASK_KIND, NEG_SCALE)
-                    if region != 1:
-                        x = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
-                                               HAS_RIGHT), x, float("-inf"))
-                    if MASK_KIND == 1:
-                        x = tl.where(mask_tile != 0, x, float("-inf"))
-                    if exact:
-                        p = tl.math.exp2(x * x_scale - m_fin[:, None])
-                    else:
-                        p, alpha, m_i, l_i = softmax_step(x, x_scale, m_i, l_i, region != 1 or MASK_KIND != 0)
-                        acc = acc * alpha[:, None]
-                    if USE_TMA:
-                        v = v_src.load([start_n, 0])
-                    else:
-                        v = load_rows(v_src, start_n, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, region != 1,
-                                      HEAD_DV != BLOCK_DV)
-                    if DROPOUT:
-                        p = tl.where(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b), p, 0.0)
-                    p = p.to(v.dtype)
-                    if exact:
-                        bad = nonfinite(v)
-                        if any_nonfinite(v):
-                            keep = (offs_n < seqlen_k)[None, :]
-                            if region != 1:
-                                keep = keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right,
-                                                 HAS_LEFT, HAS_RIGHT)
-                            if MASK_KIND == 1:
-                                keep = keep & (mask_tile != 0)
-                            acc = add_nonfinite(acc, p, v, bad, keep)
-                            v = tl.where(bad, 0.0, v).to(v.dtype)
-                    acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for region in tl.static_range(1 - HAS_LEFT, 3):
+            for start_n in range(ranges[region], ranges[region + 1], BLOCK_N):
+                start_n = tl.multiple_of(start_n, BLOCK_N)
+                offs_n = start_n + offs_n0
+                if USE_TMA:
+                    k = k_src.load([start_n, 0])
+                else:
+                    k = load_rows(k_src, start_n, seqlen_k, stride_kn, HEAD_D, BLOCK_N, BLOCK_D, region != 1,
+                                  HEAD_D != BLOCK_D)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                mask_tile = load_mask_tile(mask_base, m0, start_n, stride_mm, stride_mn, seqlen_q, seqlen_k,
+                                           BLOCK_M, BLOCK_N, MASK_KIND)
+                x, x_scale = step_input(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2,
+                                        alibi_log2, mask_tile, SOFTCAP, ALIBI, MASK_KIND, NEG_SCALE)
+                if region != 1:
+                    x = tl.where(keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
+                                           HAS_RIGHT), x, float("-inf"))
+                if MASK_KIND == 1:
+                    x = tl.where(mask_tile != 0, x, float("-inf"))
+                if exact:
+                    p = tl.math.exp2(x * x_scale - m_fin[:, None])
+                else:
+                    p, alpha, m_i, l_i = softmax_step(x, x_scale, m_i, l_i, region != 1 or MASK_KIND != 0)
+                    acc = acc * alpha[:, None]
+                if USE_TMA:
+                    v = v_src.load([start_n, 0])
+                else:
+                    v = load_rows(v_src, start_n, seqlen_k, stride_vn, HEAD_DV, BLOCK_N, BLOCK_DV, region != 1,
+                                  HEAD_DV != BLOCK_DV)
+                if DROPOUT:
+                    p = tl.where(dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b), p, 0.0)
+                p = p.to(v.dtype)
+                if exact:
+                    bad = nonfinite(v)
+                    if any_nonfinite(v):
+                        keep = (offs_n < seqlen_k)[None, :]
+                        if region != 1:
+                            keep = keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right,
+                                             HAS_LEFT, HAS_RIGHT)
+                        if MASK_KIND == 1:
+                            keep = keep & (mask_tile != 0)
+                        acc = add_nonfinite(acc, p, v, bad, keep)
+                        v = tl.where(bad, 0.0, v).to(v.dtype)
+                acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
 
+    if FLAG_ROWS:  # rows that ended non-finite, for the REDO launch (score [Note] hidden values)
+        tl.store(Flags + l_off + offs_m, tl.max(nonfinite(acc).to(tl.int8), 1), mask=offs_m < seqlen_q)
     out, lse = finish_rows(acc, m_i, l_i, 1.0 / (1.0 - dropout_p) if DROPOUT else 1.0)  # [Note] empty rows
     out = out.to(Out.dtype.element_ty)
     tl.store(l_base + offs_m, lse, mask=offs_m < seqlen_q)
@@ -212,15 +209,16 @@ def _outputs(q, v, varlen, batch, seqlen_q, hq):
 
 
 def launch_tl(q, k, v, out, lse, lse_strides, spec, fplan, batch, seqlen_q, seqlen_k, max_seqlen_q, tune_sk,
-              cu_seqlens_q=None, cu_seqlens_k=None, flags=None):
-    """Launch ``_fwd_kernel`` into out / lse (see :func:`run_forward`); with ``flags`` (int8 laid
-    out as lse, dense only) only the row blocks holding a flagged row are recomputed (REDO)."""
+              cu_seqlens_q=None, cu_seqlens_k=None, flags=None, redo=False):
+    """Launch ``_fwd_kernel`` into out / lse (see :func:`run_forward`). ``flags`` (int8 laid out
+    as lse): the kernel stores each row's non-finite flag there, or with ``redo`` recomputes only
+    the row blocks holding a flagged row (score [Note] hidden values)."""
     varlen = cu_seqlens_q is not None
     hq = q.shape[-2]
     sinks, alibi_slopes, attn_mask = spec.sinks, spec.alibi_slopes, spec.attn_mask
     grid = lambda meta: (_plan.cdiv(max_seqlen_q, meta["BLOCK_M"]) * batch * hq,)  # noqa: E731
     # a redo takes the first config: most of its programs exit at once, nothing to tune on
-    kernel, meta = _plan.kernel_for(_fwd_kernel, "forward", fplan.configs, fplan.autotune and flags is None,
+    kernel, meta = _plan.kernel_for(_fwd_kernel, "forward", fplan.configs, fplan.autotune and not redo,
                                     fplan.tune_key())
     if fplan.use_tma and q.is_cuda:
         _ensure_tma_allocator()
@@ -234,7 +232,8 @@ def launch_tl(q, k, v, out, lse, lse_strides, spec, fplan, batch, seqlen_q, seql
             _plan.bucket(max_seqlen_q), _plan.bucket(tune_sk),
             HEAD_D=q.shape[-1], HEAD_DV=v.shape[-1], BLOCK_D=fplan.block_d, BLOCK_DV=fplan.block_dv,
             IS_VARLEN=varlen, **spec.constexprs(), USE_TMA=fplan.use_tma,
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", REDO=flags is not None, **meta,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", FLAG_ROWS=flags is not None and not redo,
+            REDO=redo, **meta,
         )
 
 
@@ -255,16 +254,20 @@ def run_forward(q, k, v, spec, fplan, *, cu_seqlens_q=None, cu_seqlens_k=None, m
     out, lse, lse_strides = _outputs(q, v, varlen, batch, seqlen_q, hq)
     if out.numel() == 0 or max_seqlen_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    flags = None
+    shape = (q, k, v, out, lse, lse_strides, spec, fplan, batch, seqlen_q, seqlen_k, max_seqlen_q, tune_sk,
+             cu_seqlens_q, cu_seqlens_k)
     if fplan.kernel == "gluon":  # dense, plain or causal, sm_90 (plan.forward.gluon_rule)
         from tileattn.backends.triton import gluon
         with torch.cuda.device(q.device):
             flags = gluon.forward(q, k, v, out, lse, spec.scale, spec.window[1] == 0)
-        if flags is None:
-            return out, lse
-        # causal: the tl kernel redoes the rows the Gluon kernel flagged ([Note] hidden values)
-    launch_tl(q, k, v, out, lse, lse_strides, spec, fplan, batch, seqlen_q, seqlen_k, max_seqlen_q, tune_sk,
-              cu_seqlens_q, cu_seqlens_k, flags)
+    else:
+        # calls whose tiles may hide a key flag their non-finite rows (score [Note] hidden values)
+        c = spec.constexprs()
+        hides = c["MASK_KIND"] == 1 or c["HAS_LEFT"] or c["HAS_RIGHT"]
+        flags = torch.empty(lse.shape, dtype=torch.int8, device=lse.device) if hides else None
+        launch_tl(*shape, flags)
+    if flags is not None:  # the flagged rows again, exactly
+        launch_tl(*shape, flags, redo=True)
     return out, lse
 
 
