@@ -31,7 +31,7 @@ BK = sys.modules["tileattn.backends.triton.backward_kernels"]
 assert F.__file__.startswith(tree), F.__file__
 
 PTR = dict(Lse="*fp32", Sinks="*fp32", Slopes="*fp32", Mask="*bf16", CuSeqlensQ="*i32", CuSeqlensK="*i32",
-           Lse2Pad="*fp32", DeltaPad="*fp32", LogLPad="*fp32", SinkDelta="*fp32", DMask="*fp32", DQ="*bf16", Out="*bf16")
+           Lse2Pad="*fp32", DeltaPad="*fp32", LogLPad="*fp32", FlagsQ="*i8", FlagsK="*i8", SinkDelta="*fp32", DMask="*fp32", DQ="*bf16", Out="*bf16")
 
 def build(fn, feat, varlen):
     sig, cx, attrs = {}, {}, {}

@@ -97,25 +97,32 @@ def backward(dout, q, k, v, out, lse, spec, *, cu_seqlens_q=None, cu_seqlens_k=N
     delta_pad = torch.empty_like(lse2_pad)
     log_l_pad = torch.empty_like(lse2_pad)  # backward_kernels [Note] large lse
     sink_delta = torch.empty_like(lse) if sinks is not None else lse  # not written without sinks
-    # dQ first: it writes lse2 and delta = rowsum(out * dout), which the dK/dV kernel reads
-    kernel, meta = _plan.kernel_for(_bwd_dq_kernel, "dq", bplan.dq.configs, bplan.dq.autotune, features)
-    kernel = fast(kernel)
-    kernel[lambda m: (cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
-        q, k, v, dout, out, lse, lse2_pad, delta_pad, log_l_pad, sinks, sink_delta, dq, dmask, alibi_slopes,
-        attn_mask,        cu_seqlens_q, cu_seqlens_k, *common, *_strides(out, varlen), *_strides(dq, varlen),
-        stride_lb, stride_lh, stat_stride_b, rows, *tail,
-        hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q,
-        dq_group,
-        *scalars, MASK_GRAD=mask_grad, SINKS=sinks_flag, ROW_PAD=ROW_PAD,
-        **flags, **meta)
-    kernel, meta = _plan.kernel_for(_bwd_dkdv_kernel, "dkdv", bplan.dkdv.configs, bplan.dkdv.autotune, features)
-    kernel = fast(kernel)
-    kernel[lambda m: (cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
-        q, k, v, dout, lse2_pad, delta_pad, log_l_pad, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q, cu_seqlens_k,
-        *common, *_strides(dk, varlen), *_strides(dv, varlen), stat_stride_b, rows, *tail,
-        hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k,
-        dkdv_group,
-        *scalars, **flags, **meta)
+    # [Note] redo (backward_kernels): the main launches flag the rows / keys that ended non-finite
+    flags_q = torch.empty(lse.shape, dtype=torch.int8, device=q.device)
+    flags_k = torch.empty((hkv, k.shape[0]) if varlen else (batch, hkv, seqlen_k), dtype=torch.int8, device=q.device)
+    flag_strides = (0, flags_k.stride(0)) if varlen else flags_k.stride()[:2]
+    # dQ first: it writes lse2 and delta = rowsum(out * dout), which the dK/dV kernel reads; then
+    # both again for their flagged blocks only (REDO: first config, most programs exit at once)
+    for redo in (False, True):
+        kernel, meta = _plan.kernel_for(_bwd_dq_kernel, "dq", bplan.dq.configs, bplan.dq.autotune and not redo,
+                                        features)
+        fast(kernel)[lambda m: (cdiv(max_seqlen_q, m["BLOCK_M"]) * batch * hq,)](  # 1-D: no 65535 cap
+            q, k, v, dout, out, lse, lse2_pad, delta_pad, log_l_pad, sinks, sink_delta, dq, dmask, alibi_slopes,
+            attn_mask, cu_seqlens_q, cu_seqlens_k, flags_q, *common, *_strides(out, varlen), *_strides(dq, varlen),
+            stride_lb, stride_lh, stat_stride_b, rows, *tail,
+            hq, hq // hkv, seqlen_q, seqlen_k, max_seqlen_q,
+            dq_group,
+            *scalars, MASK_GRAD=mask_grad, SINKS=sinks_flag, ROW_PAD=ROW_PAD, REDO=redo,
+            **flags, **meta)
+        kernel, meta = _plan.kernel_for(_bwd_dkdv_kernel, "dkdv", bplan.dkdv.configs,
+                                        bplan.dkdv.autotune and not redo, features)
+        fast(kernel)[lambda m: (cdiv(max_seqlen_k, m["BLOCK_N"]) * batch * hkv,)](  # 1-D: no 65535 cap
+            q, k, v, dout, lse2_pad, delta_pad, log_l_pad, dk, dv, alibi_slopes, attn_mask, cu_seqlens_q,
+            cu_seqlens_k, flags_k, *common, *_strides(dk, varlen), *_strides(dv, varlen), stat_stride_b, rows,
+            *tail, *flag_strides,
+            hkv, hq // hkv, seqlen_q, seqlen_k, max_seqlen_k,
+            dkdv_group,
+            *scalars, REDO=redo, **flags, **meta)
 
     dsinks = None
     if sinks is not None:  # row terms P_sink,i * delta_i (delta from fp32 p * dp), from the dQ kernel

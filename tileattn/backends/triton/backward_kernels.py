@@ -61,12 +61,20 @@ Sub notation (on top of ``score.py``'s ``i, j, diag, qk, t, region``)::
 
 [Note] large lse
     P = exp2(t - lse2) subtracts two numbers of the scores' magnitude, and the saved fp32 lse
-    is only known to ~|lse2| * 2^-23: at |lse2| ~ 1e5 every P is off by ~1%. A dQ program
-    whose rows reach |lse2| > LSE_EXACT first re-runs the forward's online softmax over its
-    keys (:func:`_row_stats`: the row max M, one of the same t bits, and log2 l) and stores
-    M in place of lse2 with log2 l beside it (0 elsewhere); its dq, and the dK/dV of every key
-    block that meets such a row, come from the exact pass with P = exp2((t - M) - log2 l),
-    exact to fp32 rounding at any magnitude. Other rows keep the saved lse (the same bits).
+    is only known to ~|lse2| * 2^-23: at |lse2| ~ 1e5 every P is off by ~1%. The main dQ launch
+    stores NaN as lse2 of rows with |lse2| > LSE_EXACT, so their dq and the dk / dv of every key
+    they keep end NaN and are redone ([Note] redo). The REDO dQ program re-runs the forward's
+    online softmax over its keys (:func:`_row_stats`: the row max M, one of the same t bits, and
+    log2 l), stores M in lse2's place and log2 l beside it (0 for every other row), and both
+    REDO kernels take P = exp2((t - M) - log2 l): exact to fp32 rounding at any magnitude.
+
+[Note] redo
+    The main dQ and dK/dV launches run the plain loops and store, per query row and per key,
+    whether its gradient ended non-finite (FlagsQ, FlagsK). Then each kernel runs again with
+    REDO: only the blocks holding a flagged row or key compute, with the exact statistics
+    ([Note] large lse) and ds kept to kept pairs, a hidden non-finite key contained (score.py
+    [Note] hidden values); the other programs exit after one flag load. Finite inputs at
+    ordinary magnitudes pay two launches of exiting programs.
 """
 
 import triton
@@ -194,32 +202,40 @@ def _row_stats(q, k_src, offs_m, m0, seqlen_q, seqlen_k, diag, ranges, stride_kn
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, LogLPad, DK, DV, Slopes, Mask, CuSeqlensQ, CuSeqlensK,
+def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, LogLPad, DK, DV, Slopes, Mask, CuSeqlensQ, CuSeqlensK, FlagsK,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                      stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                      stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                      stat_stride_b, stat_stride_h, stride_ab, stride_ah, stride_mb, stride_mh, stride_mm, stride_mn,
-                     num_kv_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_k, head_group,
+                     stride_fb, stride_fh, num_kv_heads, group, seqlen_q_dense, seqlen_k_dense, max_seqlen_k, head_group,
                      scale, qk_scale, softcap_scale, softcap_log2, window_left, window_right, dropout_p, seed,
                      tune_sq, tune_sk,
                      HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     DOT_PREC: tl.constexpr, REDO: tl.constexpr = False):
     """Grid (cdiv(max_seqlen_k, BLOCK_N) * B * Hkv,): dk, dv of BLOCK_N keys of one kv head.
 
     Program order: ``_block_and_head`` (head_group heads at a time, key block 0 first; programs
     running together share their heads' q/dout in L2). Query head h = kv_head * group + g for
     g < group (GQA). Every key row < seqlen_k is stored, zeros when no row keeps it.
-    Lse2Pad / DeltaPad: padded row stats from the dQ kernel ([Note] padded row stats).
-    tune_sq / tune_sk: autotune key only.
+    Lse2Pad / DeltaPad / LogLPad: padded row stats from the dQ kernel ([Note] padded row stats).
+    FlagsK (int8 per key, strides stride_fb / stride_fh, varlen rows from cu_seqlens_k): the
+    main launch stores whether each key's dk or dv ended non-finite; the REDO launch runs only
+    the key blocks holding a flagged key ([Note] redo). tune_sq / tune_sk: autotune key only.
     """
     pid_n, off_bh = _block_and_head(tl.program_id(0), tl.cdiv(max_seqlen_k, BLOCK_N), head_group)
     off_b, off_hk, q_start, seqlen_q, k_start, seqlen_k = seq_bounds(off_bh, num_kv_heads, CuSeqlensQ, CuSeqlensK,
                                                                      seqlen_q_dense, seqlen_k_dense, IS_VARLEN)
     n0 = pid_n * BLOCK_N
-    if n0 < seqlen_k:
+    run = n0 < seqlen_k
+    if REDO:
+        keys = n0 + tl.arange(0, BLOCK_N)
+        flags = tl.load(FlagsK + off_b.to(tl.int64) * stride_fb + off_hk.to(tl.int64) * stride_fh + k_start + keys,
+                        mask=keys < seqlen_k, other=0)
+        run = run & (tl.max(flags, 0) > 0)
+    if run:
         b64 = off_b.to(tl.int64)
         q0 = tl.full([], q_start, tl.int64)
         k0 = tl.full([], k_start, tl.int64)
@@ -236,81 +252,70 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, LogLPad, DK, DV, Slopes, 
         offs_m0 = tl.arange(0, BLOCK_M)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-        # Pass 1 recomputes dk, dv when pass 0 met a row of a big block ([Note] large lse: P from
-        # M and log2 l) or left a non-finite dk (score [Note] hidden values: ds kept to kept pairs).
-        big = tl.zeros([], tl.int1)
-        for exact in tl.static_range(2):
-            if exact:
-                redo = big
-                if MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT:
-                    redo = redo | any_nonfinite(dk)
-            else:
-                redo = True
-            if redo:
-                if exact:
-                    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-                    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-                # not pipelined: with one query row block (Sq specialized to 1) this becomes the innermost
-                # loop, and the pipeliner cannot predicate the descriptor creation in it
-                for g in tl.range(group, num_stages=1):
-                    off_h = off_hk * group + g
-                    h64 = off_h.to(tl.int64)
-                    q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
-                    do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
-                    q_src, do_src = _tile_sources(q_base, do_base, seqlen_q, stride_qm, stride_dom,
-                                                  HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
-                    stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
-                    lse2_row = Lse2Pad + stats
-                    delta_row = DeltaPad + stats
-                    log_l_row = LogLPad + stats
-                    mask_base, alibi_log2 = head_terms(Mask, Slopes, b64, h64, stride_mb, stride_mh, stride_ab,
-                                                       stride_ah, MASK_KIND, ALIBI)
-                    # transposed regions (see ranges above); the window cuts edge tiles (region != 1: keep_tile)
-                    for region in tl.static_range(1 - HAS_RIGHT, 2 + HAS_LEFT):
-                        for m0 in range(ranges[region], ranges[region + 1], BLOCK_M):
-                            m0 = tl.multiple_of(m0, BLOCK_M)
-                            offs_m = m0 + offs_m0
-                            q, do = _load_tiles(q_src, do_src, m0, seqlen_q, stride_qm, stride_dom, HEAD_D,
-                                                HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
-                            lse2 = tl.load(lse2_row + offs_m)  # padded: no mask ([Note] padded row stats)
-                            delta = tl.load(delta_row + offs_m)
+        # REDO (score [Note] hidden values, [Note] large lse): ds kept to kept pairs, P from M and log2 l
+        # not pipelined: with one query row block (Sq specialized to 1) this becomes the innermost
+        # loop, and the pipeliner cannot predicate the descriptor creation in it
+        for g in tl.range(group, num_stages=1):
+            off_h = off_hk * group + g
+            h64 = off_h.to(tl.int64)
+            q_base = Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm
+            do_base = DOut + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom
+            q_src, do_src = _tile_sources(q_base, do_base, seqlen_q, stride_qm, stride_dom,
+                                          HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
+            stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
+            lse2_row = Lse2Pad + stats
+            delta_row = DeltaPad + stats
+            log_l_row = LogLPad + stats
+            mask_base, alibi_log2 = head_terms(Mask, Slopes, b64, h64, stride_mb, stride_mh, stride_ab,
+                                               stride_ah, MASK_KIND, ALIBI)
+            # transposed regions (see ranges above); the window cuts edge tiles (region != 1: keep_tile)
+            for region in tl.static_range(1 - HAS_RIGHT, 2 + HAS_LEFT):
+                for m0 in range(ranges[region], ranges[region + 1], BLOCK_M):
+                    m0 = tl.multiple_of(m0, BLOCK_M)
+                    offs_m = m0 + offs_m0
+                    q, do = _load_tiles(q_src, do_src, m0, seqlen_q, stride_qm, stride_dom, HEAD_D,
+                                        HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV, USE_TMA)
+                    lse2 = tl.load(lse2_row + offs_m)  # padded: no mask ([Note] padded row stats)
+                    delta = tl.load(delta_row + offs_m)
 
-                            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-                            maskT = load_mask_tile(mask_base, n0, m0, stride_mn, stride_mm, seqlen_k, seqlen_q,
-                                                   BLOCK_N, BLOCK_M, MASK_KIND)
-                            tT, dcapT = score_and_dcap(qkT, offs_n, offs_m, -diag, qk_scale, softcap_scale,
-                                                       softcap_log2, alibi_log2, maskT, SOFTCAP, ALIBI, MASK_KIND)
-                            log_l = tl.load(log_l_row + offs_m)
-                            if exact:
-                                pT = tl.math.exp2((tT - lse2[None, :]) - log_l[None, :])
-                            else:
-                                big = big | (tl.max(log_l, 0) != 0.0)
-                                pT = tl.math.exp2(tT - lse2[None, :])
-                            if region != 1 or exact:
-                                keepT = keep_tile(offs_n, offs_m, -diag, seqlen_q, window_right, window_left,
-                                                  HAS_RIGHT, HAS_LEFT)
-                                if MASK_KIND == 1:
-                                    keepT = keepT & (maskT != 0)
-                                pT = tl.where(keepT, pT, 0.0)
-                            elif MASK_KIND == 1:
-                                pT = tl.where(maskT != 0, pT, 0.0)
+                    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+                    maskT = load_mask_tile(mask_base, n0, m0, stride_mn, stride_mm, seqlen_k, seqlen_q,
+                                           BLOCK_N, BLOCK_M, MASK_KIND)
+                    tT, dcapT = score_and_dcap(qkT, offs_n, offs_m, -diag, qk_scale, softcap_scale,
+                                               softcap_log2, alibi_log2, maskT, SOFTCAP, ALIBI, MASK_KIND)
+                    if REDO:  # [Note] large lse
+                        pT = tl.math.exp2((tT - lse2[None, :]) - tl.load(log_l_row + offs_m)[None, :])
+                    else:
+                        pT = tl.math.exp2(tT - lse2[None, :])
+                    if region != 1 or REDO:
+                        keepT = keep_tile(offs_n, offs_m, -diag, seqlen_q, window_right, window_left,
+                                          HAS_RIGHT, HAS_LEFT)
+                        if MASK_KIND == 1:
+                            keepT = keepT & (maskT != 0)
+                        pT = tl.where(keepT, pT, 0.0)
+                    elif MASK_KIND == 1:
+                        pT = tl.where(maskT != 0, pT, 0.0)
 
-                            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                            if DROPOUT:
-                                drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
-                                dropT = tl.trans(drop.to(tl.int8)) != 0
-                                # a product, not a select: a dropped NaN weight stays NaN (reference.py)
-                                dropw = tl.where(dropT, 1.0 / (1.0 - dropout_p), 0.0)
-                                dv = tl.dot((pT * dropw).to(do.dtype), do, dv, input_precision=DOT_PREC)
-                                dpT = dpT * dropw
-                            else:
-                                dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-                            dsT = pT * (dpT - delta[None, :])
-                            if SOFTCAP:
-                                dsT = dsT * dcapT
-                            if exact:
-                                dsT = tl.where(keepT, dsT, 0.0)
-                            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+                    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                    if DROPOUT:
+                        drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
+                        dropT = tl.trans(drop.to(tl.int8)) != 0
+                        # a product, not a select: a dropped NaN weight stays NaN (reference.py)
+                        dropw = tl.where(dropT, 1.0 / (1.0 - dropout_p), 0.0)
+                        dv = tl.dot((pT * dropw).to(do.dtype), do, dv, input_precision=DOT_PREC)
+                        dpT = dpT * dropw
+                    else:
+                        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+                    dsT = pT * (dpT - delta[None, :])
+                    if SOFTCAP:
+                        dsT = dsT * dcapT
+                    if REDO:  # a hidden non-finite value or row statistic makes dpT or delta NaN
+                        dsT = tl.where(keepT, dsT, 0.0)
+                    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        if not REDO:  # key rows that ended non-finite, for the REDO launch
+            bad = tl.maximum(tl.max(nonfinite(dk).to(tl.int8), 1), tl.max(nonfinite(dv).to(tl.int8), 1))
+            tl.store(FlagsK + b64 * stride_fb + off_hk.to(tl.int64) * stride_fh + k0 + offs_n, bad,
+                     mask=offs_n < seqlen_k)
         dk_base = DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh + k0 * stride_dkn
         _store_rows(dk_base, dk * scale, n0, seqlen_k, stride_dkn, HEAD_D, BLOCK_N, BLOCK_D)
         dv_base = DV + b64 * stride_dvb + off_hk.to(tl.int64) * stride_dvh + k0 * stride_dvn
@@ -322,7 +327,7 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse2Pad, DeltaPad, LogLPad, DK, DV, Slopes, 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, LogLPad, Sinks, SinkDelta, DQ, DMask, Slopes,
-                   Mask, CuSeqlensQ, CuSeqlensK,
+                   Mask, CuSeqlensQ, CuSeqlensK, FlagsQ,
                    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                    stride_ob, stride_om, stride_oh, stride_dqb, stride_dqm, stride_dqh,
@@ -335,7 +340,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, LogLPad, Sinks, S
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr,
                    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
-                   USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, ROW_PAD: tl.constexpr):
+                   USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, ROW_PAD: tl.constexpr, REDO: tl.constexpr = False):
     """Grid (cdiv(max_seqlen_q, BLOCK_M) * B * Hq,): dq of BLOCK_M rows of one query head.
 
     Program order: ``_block_and_head`` (head_group heads at a time, sharing K/V in L2); with
@@ -346,6 +351,8 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, LogLPad, Sinks, S
     exceeds the fp16 tolerance. Lse2Pad / DeltaPad / LogLPad get lse * log2(e) (or M) and
     rowsum(Out * DOut) (and log2 l) of the program's rows and the sequence's padding ([Note]
     padded row stats, [Note] large lse); re-running the kernel (autotuning) writes the same values.
+    FlagsQ (int8, laid out like Lse): the main launch stores whether each row's dq ended
+    non-finite; the REDO launch runs only the row blocks holding a flagged row ([Note] redo).
     """
     num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
     pid_m, off_bh = _block_and_head(tl.program_id(0), num_m, head_group)
@@ -354,7 +361,13 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, LogLPad, Sinks, S
     off_b, off_h, q_start, seqlen_q, k_start, seqlen_k = seq_bounds(off_bh, num_heads, CuSeqlensQ, CuSeqlensK,
                                                                     seqlen_q_dense, seqlen_k_dense, IS_VARLEN)
     m0 = pid_m * BLOCK_M
-    if m0 < seqlen_q:
+    run = m0 < seqlen_q
+    if REDO:
+        rows = m0 + tl.arange(0, BLOCK_M)
+        flags = tl.load(FlagsQ + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start + rows,
+                        mask=rows < seqlen_q, other=0)
+        run = run & (tl.max(flags, 0) > 0)
+    if run:
         b64 = off_b.to(tl.int64)
         h64 = off_h.to(tl.int64)
         hk64 = (off_h // group).to(tl.int64)
@@ -382,20 +395,25 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, LogLPad, Sinks, S
         diag = seqlen_k - seqlen_q
         ranges = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N,
                               HAS_LEFT, HAS_RIGHT, False)
-        # [Note] large lse: big blocks take M (in lse2's place) and log2 l from _row_stats
-        big = tl.max(tl.where(lse2 == float("inf"), 0.0, tl.abs(lse2)), 0) > LSE_EXACT
-        log_l = tl.zeros([BLOCK_M], tl.float32)
         if SINKS:
             sink_log2 = tl.load(Sinks + off_h) * LOG2E
         else:
             sink_log2 = 0.0
-        if big:
-            row_m, row_l = _row_stats(q, k_src, offs_m, m0, seqlen_q, seqlen_k, diag, ranges, stride_kn, mask_base,
-                                      stride_mm, stride_mn, alibi_log2, sink_log2, qk_scale, softcap_scale,
-                                      softcap_log2, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_N, BLOCK_D,
-                                      SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT, SINKS, USE_TMA, DOT_PREC)
-            log_l = tl.where(lse2 == float("inf"), 0.0, row_l)
-            lse2 = tl.where(lse2 == float("inf"), lse2, row_m)
+        # [Note] large lse: the main launch makes such rows NaN (here and, through Lse2Pad, in dK/dV's
+        # main launch), so they are flagged; the REDO launch gives them M (in lse2's place) and log2 l
+        big = (lse2 != float("inf")) & (tl.abs(lse2) > LSE_EXACT)
+        log_l = tl.zeros([BLOCK_M], tl.float32)
+        if REDO:
+            if tl.max(big.to(tl.int32), 0) > 0:
+                row_m, row_l = _row_stats(q, k_src, offs_m, m0, seqlen_q, seqlen_k, diag, ranges, stride_kn,
+                                          mask_base, stride_mm, stride_mn, alibi_log2, sink_log2, qk_scale,
+                                          softcap_scale, softcap_log2, window_left, window_right, HEAD_D, BLOCK_M,
+                                          BLOCK_N, BLOCK_D, SOFTCAP, ALIBI, MASK_KIND, HAS_LEFT, HAS_RIGHT, SINKS,
+                                          USE_TMA, DOT_PREC)
+                log_l = tl.where(big, row_l, 0.0)
+                lse2 = tl.where(big, row_m, lse2)
+        else:
+            lse2 = tl.where(big, float("nan"), lse2)
         stats = h64 * stat_stride_h + b64 * stat_stride_b + q0
         _store_row_stats(Lse2Pad + stats, DeltaPad + stats, LogLPad + stats, lse2, delta, log_l, m0, seqlen_q,
                          BLOCK_M, ROW_PAD)
@@ -403,73 +421,64 @@ def _bwd_dq_kernel(Q, K, V, DOut, Out, Lse, Lse2Pad, DeltaPad, LogLPad, Sinks, S
         pdp = tl.zeros([BLOCK_M], tl.float32)  # SINKS: sum_j p * dp, delta without out's rounding (dsinks)
         offs_n0 = tl.arange(0, BLOCK_N)
         # regions (score.py) as the forward's; in edge tiles (region != 1) keys past seqlen_k must be
-        # zeroed by keep_tile since their p may overflow. Pass 1 runs for big blocks ([Note] large
-        # lse; pass 0 does not) and when pass 0 left a non-finite dq (score [Note] hidden values): ds
-        # kept to kept pairs, a non-finite key contained.
-        for exact in tl.static_range(2):
-            if exact:
-                redo = big
-                if MASK_KIND == 1 or HAS_LEFT or HAS_RIGHT:
-                    redo = redo | any_nonfinite(dq)
-            else:
-                redo = big == 0
-            if redo:
-                if exact:
-                    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                    pdp = tl.zeros([BLOCK_M], tl.float32)
-                for region in tl.static_range(1 - HAS_LEFT, 3):
-                    for n0 in range(ranges[region], ranges[region + 1], BLOCK_N):
-                        n0 = tl.multiple_of(n0, BLOCK_N)
-                        offs_n = n0 + offs_n0
-                        k, v = _load_tiles(k_src, v_src, n0, seqlen_k, stride_kn, stride_vn, HEAD_D, HEAD_DV,
-                                           BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
-                        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                        mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k,
-                                                   BLOCK_M, BLOCK_N, MASK_KIND)
-                        t, dcap = score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2,
-                                                 alibi_log2, mask_tile, SOFTCAP, ALIBI, MASK_KIND)
-                        if exact:
-                            p = tl.math.exp2((t - lse2[:, None]) - log_l[:, None])
-                        else:
-                            p = tl.math.exp2(t - lse2[:, None])
-                        if region != 1 or exact:
-                            keep = keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
-                                             HAS_RIGHT)
-                            if MASK_KIND == 1:
-                                keep = keep & (mask_tile != 0)
-                            p = tl.where(keep, p, 0.0)
-                        elif MASK_KIND == 1:
-                            p = tl.where(mask_tile != 0, p, 0.0)
-                        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-                        if DROPOUT:
-                            drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
-                            dp = dp * tl.where(drop, 1.0 / (1.0 - dropout_p), 0.0)  # a product, as dK/dV's
-                        ds = p * (dp - delta[:, None])
-                        if exact:  # a hidden non-finite value makes dp NaN where p = 0
-                            ds = tl.where(keep, ds, 0.0)
-                        if SINKS:
-                            if exact:
-                                pdp += tl.sum(tl.where(keep, p * dp, 0.0), 1)
-                            else:
-                                pdp += tl.sum(p * dp, 1)
-                        if MASK_GRAD:
-                            ptrs = (dmask_base + m0.to(tl.int64) * seqlen_k + n0
-                                    + tl.arange(0, BLOCK_M)[:, None] * tl.cast(seqlen_k, tl.int64)
-                                    + offs_n0[None, :])
-                            tl.store(ptrs, ds, mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
-                        if SOFTCAP:
-                            ds = ds * dcap
-                            if exact:  # dcap is NaN at a hidden non-finite key
-                                ds = tl.where(keep, ds, 0.0)
-                        if exact:
-                            if any_nonfinite(k):
-                                bad = nonfinite(k)
-                                dq = add_nonfinite(dq, ds, k, bad, keep)
-                                k = tl.where(bad, 0.0, k).to(k.dtype)
-                        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        # zeroed by keep_tile since their p may overflow. REDO (score [Note] hidden values): ds kept to
+        # kept pairs, a non-finite key contained, P from M and log2 l.
+        for region in tl.static_range(1 - HAS_LEFT, 3):
+            for n0 in range(ranges[region], ranges[region + 1], BLOCK_N):
+                n0 = tl.multiple_of(n0, BLOCK_N)
+                offs_n = n0 + offs_n0
+                k, v = _load_tiles(k_src, v_src, n0, seqlen_k, stride_kn, stride_vn, HEAD_D, HEAD_DV,
+                                   BLOCK_N, BLOCK_D, BLOCK_DV, USE_TMA)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                mask_tile = load_mask_tile(mask_base, m0, n0, stride_mm, stride_mn, seqlen_q, seqlen_k,
+                                           BLOCK_M, BLOCK_N, MASK_KIND)
+                t, dcap = score_and_dcap(qk, offs_m, offs_n, diag, qk_scale, softcap_scale, softcap_log2,
+                                         alibi_log2, mask_tile, SOFTCAP, ALIBI, MASK_KIND)
+                if REDO:
+                    p = tl.math.exp2((t - lse2[:, None]) - log_l[:, None])
+                else:
+                    p = tl.math.exp2(t - lse2[:, None])
+                if region != 1 or REDO:
+                    keep = keep_tile(offs_m, offs_n, diag, seqlen_k, window_left, window_right, HAS_LEFT,
+                                     HAS_RIGHT)
+                    if MASK_KIND == 1:
+                        keep = keep & (mask_tile != 0)
+                    p = tl.where(keep, p, 0.0)
+                elif MASK_KIND == 1:
+                    p = tl.where(mask_tile != 0, p, 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                if DROPOUT:
+                    drop = dropout_keep(seed, dropout_p, offs_m, offs_n, off_h, off_b)
+                    dp = dp * tl.where(drop, 1.0 / (1.0 - dropout_p), 0.0)  # a product, as dK/dV's
+                ds = p * (dp - delta[:, None])
+                if REDO:  # a hidden non-finite value makes dp NaN where p = 0
+                    ds = tl.where(keep, ds, 0.0)
+                if SINKS:
+                    if REDO:
+                        pdp += tl.sum(tl.where(keep, p * dp, 0.0), 1)
+                    else:
+                        pdp += tl.sum(p * dp, 1)
+                if MASK_GRAD:
+                    ptrs = (dmask_base + m0.to(tl.int64) * seqlen_k + n0
+                            + tl.arange(0, BLOCK_M)[:, None] * tl.cast(seqlen_k, tl.int64)
+                            + offs_n0[None, :])
+                    tl.store(ptrs, ds, mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
+                if SOFTCAP:
+                    ds = ds * dcap
+                    if REDO:  # dcap is NaN at a hidden non-finite key
+                        ds = tl.where(keep, ds, 0.0)
+                if REDO:
+                    if any_nonfinite(k):
+                        bad = nonfinite(k)
+                        dq = add_nonfinite(dq, ds, k, bad, keep)
+                        k = tl.where(bad, 0.0, k).to(k.dtype)
+                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
         if SINKS:  # the sink's probability (0 for a -inf sink or an empty row) times sum_j P dP
             p_sink = tl.math.exp2((sink_log2 - lse2) - log_l)
             tl.store(SinkDelta + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, p_sink * pdp,
+                     mask=offs_m < seqlen_q)
+        if not REDO:  # rows that ended non-finite, for the REDO launch
+            tl.store(FlagsQ + b64 * stride_lb + h64 * stride_lh + q0 + offs_m, tl.max(nonfinite(dq).to(tl.int8), 1),
                      mask=offs_m < seqlen_q)
         dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm
         _store_rows(dq_base, dq * scale, m0, seqlen_q, stride_dqm, HEAD_D, BLOCK_M, BLOCK_D)
