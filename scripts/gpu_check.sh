@@ -14,6 +14,9 @@
 #   SETS          benchmark sets, in order (default "prefill decode"; "" for none)
 #   PROVIDERS, MODES, FILTER   passed to benchmarks.run as --providers / --modes / --filter
 #   SANITIZE      1: also run scripts/sanitize_kernels.py under compute-sanitizer (memcheck, racecheck)
+#   PROBES        words, run after the tests: "verify" (tileattn verify), "eager" (per-call eager time vs
+#                 SDPA, benchmarks/probes/eager_latency.py), "hf" (transformers generate() tokens/s,
+#                 benchmarks/hf_generate.py); each writes $OUT/<probe>.log (and .json), 120 s cap each
 #   DEADLINE      seconds for the whole script (default 530: under the 10-minute call limit)
 #   TEST_TIMEOUT  cap for the test step in seconds (default 240)
 # Writes $OUT/{nvidia-smi.txt,tests.log,junit.xml,<set>.json,<set>.log,report.md}; the report
@@ -73,6 +76,20 @@ if [ "${SANITIZE:-0}" = 1 ]; then  # every kernel variant once under memcheck; d
     [ "$rc" -ne 0 ] && status=1 && echo "sanitizer $name: FAILED (rc $rc)"
   done
 fi
+
+for probe in ${PROBES:-}; do
+  case $probe in
+    verify) cmd=(python3 -m tileattn verify) ;;
+    eager) cmd=(python3 benchmarks/probes/eager_latency.py "$OUT/eager.json") ;;
+    hf) cmd=(python3 benchmarks/hf_generate.py "$OUT/hf.json" --new 16 --layers 8 --compile-cases 3) ;;
+    *) echo "unknown probe $probe"; continue ;;
+  esac
+  echo "== probe $probe: ${cmd[*]}"
+  timeout -k 10 120 "${cmd[@]}" >"$OUT/$probe.log" 2>&1
+  rc=$?
+  tail -n 12 "$OUT/$probe.log"
+  [ "$rc" -ne 0 ] && echo "probe $probe: rc $rc" && [ "$probe" = verify ] && status=1
+done
 
 bench_args=()
 [ -n "${PROVIDERS:-}" ] && bench_args+=(--providers "$PROVIDERS")
