@@ -1,7 +1,7 @@
 """The Gluon sm_90 forward (``tileattn.backends.triton.gluon``) called directly, against the
 float64 oracle by RELIABILITY.md's rule: ragged Sq / Sk tails, causal with Sq != Sk both ways
 (empty rows), GQA / MQA, D 64 and 128, bf16 and fp16, non-contiguous layouts, more CTAs than
-SMs; then the routing (plan says gluon, TILEATTN_GLUON=0 and forced configs say tl)."""
+SMs; then the routing (plan says gluon, TILEATTN_HOPPER=0 and forced configs say tl)."""
 
 import pytest
 import torch
@@ -78,7 +78,7 @@ def test_routing(device, monkeypatch):
     assert plan.forward_plan(q, k, v, softcap=5.0).kernel == "tl"
     assert plan.forward_plan(q, k, v, configs=[plan.Config(64, 64, 4, 2)]).kernel == "tl"
     assert plan.forward_plan(q.float(), k.float(), v.float()).kernel == "tl"
-    monkeypatch.setenv("TILEATTN_GLUON", "0")
+    monkeypatch.setenv("TILEATTN_HOPPER", "0")
     assert plan.forward_plan(q, k, v).kernel == "tl"
 
 

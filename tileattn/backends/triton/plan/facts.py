@@ -7,7 +7,7 @@ Environment knobs (for measuring, not for users), read here and nowhere else, on
 - ``TILEATTN_TMA=0`` pointer tile loads everywhere; ``=1`` TMA wherever it can run (sm_90, or
   the interpreter) whatever the pass's threshold;
 - ``TILEATTN_DECODE_BLOCK_N=<power of two >= 16>``: the decode key tile;
-- ``TILEATTN_GLUON=0``: the forward never takes the Gluon sm_90 kernel (``plan/forward.py``,
+- ``TILEATTN_HOPPER=0``: the forward never takes the Gluon sm_90 kernel (``plan/forward.py``,
   :func:`~.forward.gluon_rule`), always the portable ``tl`` one.
 
 :class:`Overrides` are the supported way to force a choice (tests, benchmarks, probes): passed
@@ -101,8 +101,8 @@ def knob_decode_block_n() -> int:
 
 
 def knob_gluon() -> bool:
-    """False when ``TILEATTN_GLUON=0`` (no Gluon forward)."""
-    return os.environ.get("TILEATTN_GLUON") != "0"
+    """False when ``TILEATTN_HOPPER=0`` (no Gluon forward)."""
+    return os.environ.get("TILEATTN_HOPPER") != "0"
 
 
 # ----------------------------------------------------------------------------- overrides

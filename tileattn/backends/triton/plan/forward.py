@@ -109,11 +109,11 @@ def _hopper_exact(device) -> bool:
 
 def gluon_rule(q, k, v, spec, varlen, ov, target):
     """(run the Gluon sm_90 forward?, why not): a Hopper GPU, Gluon importable, the knob
-    (``TILEATTN_GLUON``) on, no forced configs or loads, dense 16-bit q/k/v with D == Dv in
+    (``TILEATTN_HOPPER``) on, no forced configs or loads, dense 16-bit q/k/v with D == Dv in
     {64, 128}, non-empty, TMA-aligned, and a plain or causal score with a positive scale (every
     other feature stays on the ``tl`` kernel)."""
     if not knob_gluon():
-        return False, "TILEATTN_GLUON=0"
+        return False, "TILEATTN_HOPPER=0"
     if target.name != "sm_90" or not q.is_cuda or not _hopper_exact(q.device):
         return False, "the Gluon kernel needs sm_90 exactly"
     if ov.forward is not None or ov.use_tma is not None:
