@@ -18,11 +18,12 @@ from tileattn.cli import main
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(args, cwd, code=None):
-    """(exit status, stdout + stderr) of ``python -m tileattn *args`` (or of ``python -c code``)."""
+def _run(args, cwd, code=None, env=None):
+    """(exit status, stdout + stderr) of ``python -m tileattn *args`` (or of ``python -c code``),
+    with ``env`` added to a minimal environment."""
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "tileattn", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "COLUMNS": "160"})
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "COLUMNS": "160", **(env or {})})
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -95,19 +96,23 @@ def _plan_numbers(out):
                                  "FLOPs, forward")}
 
 
-def test_plan_h200_by_hand(tmp_path):
-    """bf16 B=2 N=1024 H=16 D=128 on the H200 preset: config 128x64, 3 stages."""
+@pytest.mark.parametrize("gluon", [True, False])
+def test_plan_h200_by_hand(tmp_path, gluon):
+    """bf16 B=2 N=1024 H=16 D=128 on the H200 preset: the Gluon kernel (Q, out 2 x 64 rows, a
+    ring of 2 K/V tiles of 128 keys), or with TILEATTN_HOPPER=0 the tl config 128x64, 3 stages."""
     rc, out = _run(["plan", "--batch", "2", "--seqlen", "1024", "--heads", "16", "--head-dim", "128",
-                    "--preset", "h200"], tmp_path)
+                    "--preset", "h200"], tmp_path, env=None if gluon else {"TILEATTN_HOPPER": "0"})
     assert rc == 0, out[-2000:]
     q = 2 * 1024 * 16 * 128  # elements of q (= k = v = out)
+    sram = 2 * 128 * (2 * 2 * 64 + 2 * 2 * 128) if gluon else 2 * (128 * 128 + 3 * 64 * (128 + 128))
     assert _plan_numbers(out) == {
-        "SRAM per program, forward": 2 * (128 * 128 + 3 * 64 * (128 + 128)),  # q tile + 3 stages of K, V tiles
+        "SRAM per program, forward": sram,
         "HBM bytes, forward": 2 * 4 * q + 4 * 2 * 16 * 1024,  # q, k, v, out once + fp32 lse
         "HBM bytes, naive forward": 2 * 4 * q + 4 * 2 * (2 * 16 * 1024 * 1024),  # + S, P written and read
         "FLOPs, forward": 2 * 2 * 16 * 1024 * 1024 * 256,
     }
-    assert "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3" in out and "compute-bound" in out
+    blocks = "BLOCK_M=128 (2 x 64) BLOCK_N=128 stages=2" if gluon else "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3"
+    assert blocks in out and "compute-bound" in out
 
 
 def test_plan_cpu_by_hand(tmp_path):

@@ -156,11 +156,20 @@ def _triton_plan(p, dtype, shape, backward, decode, spec_kw):
         return _triton_decode(plan, C, target, q, k, v, dtype.itemsize, spec_kw)
     fwd = plan.forward_plan(q, k, v, target=target, **spec_kw)
     es, c = dtype.itemsize, fwd.configs[0]
-    out = dict(variant=f"_fwd_kernel (dense, {'TMA' if fwd.use_tma else 'pointer'} loads): one program per BLOCK_M "
-                       "query rows of one (batch, query head), walking BLOCK_N key tiles",
-               blocks=str(c), why=f"{c.why}; configs: {fwd.configs_why}; {fwd.loads_why}",
-               describe=plan.describe(q, k, v, backward=backward, target=target, **spec_kw),
-               sram_bytes=C.forward_smem(c, fwd.block_d, fwd.block_dv, es), passes=1)
+    describe = plan.describe(q, k, v, backward=backward, target=target, **spec_kw)
+    if fwd.kernel == "gluon":
+        from .backends.triton.gluon import launch as G
+        meta = G.kernel_meta(D, False)
+        out = dict(variant="gluon fwd_kernel (FA3 design): a TMA loader warp and two 64-row wgmma consumer "
+                           "warpgroups per CTA, K/V ring in shared memory",
+                   blocks=f"BLOCK_M=128 (2 x {G.HALF_M}) BLOCK_N={G.BLOCK_N} stages={meta['STAGES']}",
+                   why="sm_90, dense 16-bit, D == Dv in {64, 128}, plain or causal (plan.forward.gluon_rule)",
+                   describe=describe, sram_bytes=G.shared_bytes(D, es), passes=1)
+    else:
+        out = dict(variant=f"_fwd_kernel (dense, {'TMA' if fwd.use_tma else 'pointer'} loads): one program per "
+                           "BLOCK_M query rows of one (batch, query head), walking BLOCK_N key tiles",
+                   blocks=str(c), why=f"{c.why}; configs: {fwd.configs_why}; {fwd.loads_why}",
+                   describe=describe, sram_bytes=C.forward_smem(c, fwd.block_d, fwd.block_dv, es), passes=1)
     if backward:
         bwd = plan.backward_plan(q, k, v, target=target, **spec_kw)
         out.update(bwd_passes=2, bwd_sram_bytes=(C.dq_smem(bwd.dq.configs[0], bwd.block_d, bwd.block_dv, es),

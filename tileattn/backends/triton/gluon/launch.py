@@ -24,6 +24,13 @@ def kernel_meta(head_dim: int, causal: bool) -> dict:
     return dict(HEAD_D=head_dim, BLOCK_N=BLOCK_N, STAGES=2 if head_dim > 64 else 3, CAUSAL=causal, maxnreg=168)
 
 
+def shared_bytes(head_dim: int, itemsize: int) -> int:
+    """Tile bytes in shared memory per CTA (mbarriers aside): Q and out, two 64-row halves
+    each, and kernel_meta's K/V ring of BLOCK_N-row tiles."""
+    stages = kernel_meta(head_dim, False)["STAGES"]
+    return itemsize * head_dim * (2 * 2 * HALF_M + 2 * stages * BLOCK_N)
+
+
 @functools.lru_cache(maxsize=None)
 def _layouts(head_dim: int, dtype):
     """Shared-memory layouts (128-byte swizzle) of the Q/O and K/V boxes."""

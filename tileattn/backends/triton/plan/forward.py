@@ -114,7 +114,8 @@ def gluon_rule(q, k, v, spec, varlen, ov, target):
     other feature stays on the ``tl`` kernel)."""
     if not knob_gluon():
         return False, "TILEATTN_HOPPER=0"
-    if target.name != "sm_90" or not q.is_cuda or not _hopper_exact(q.device):
+    # tensors off the GPU reach here only with an explicit sm_90 target (a preset): what would run
+    if target.name != "sm_90" or (q.is_cuda and not _hopper_exact(q.device)):
         return False, "the Gluon kernel needs sm_90 exactly"
     if ov.forward is not None or ov.use_tma is not None:
         return False, "configs or loads forced by the caller"
