@@ -22,13 +22,14 @@ from triton.runtime.jit import mangle_type  # noqa: E402
 from tileattn.backends.triton.gluon import backward_sm90 as G  # noqa: E402
 from tileattn.backends.triton.gluon.backward_launch import descriptors  # noqa: E402
 
-PTRS = {"DK": "*bf16", "DV": "*bf16", "DQAcc": "*fp32", "Lse2": "*fp32", "Delta": "*fp32", "LogL": "*fp32"}
+PTRS = {"DK": "*bf16", "DV": "*bf16", "Lse2": "*fp32", "Delta": "*fp32", "LogL": "*fp32"}
 
 
 def compile_one(D, causal, dtype=torch.bfloat16):
     q = torch.empty(2, 256, 4, D, dtype=dtype)
     k = torch.empty(2, 256, 2, D, dtype=dtype)
-    values = dict(zip(("q_desc", "do_desc", "k_desc", "v_desc", "kc_desc"), descriptors(q, k, k, q)))
+    dq_acc = torch.empty(2, 4, 256, D, dtype=torch.float32)
+    values = dict(zip(("q_desc", "do_desc", "k_desc", "v_desc", "dq_desc"), descriptors(q, k, k, q, dq_acc)))
     meta = dict(STAGES=2 if D > 64 else 3, CAUSAL=causal)
     fn = G.bwd_kernel
     sig, cx, attrs = {}, {}, {}

@@ -110,7 +110,7 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     num_n = triton.cdiv(seqlen_k, 2 * HALF_N)
     bwd_kernel[(num_n * batch * hkv,)](
-        *descriptors(q, k, v, dout), dk, dv, dq_acc, lse2, delta, log_l, *_bhs(dk), *_bhs(dv),
+        *descriptors(q, k, v, dout, dq_acc), dk, dv, lse2, delta, log_l, *_bhs(dk), *_bhs(dv),
         hq, hkv, seqlen_q, seqlen_k, rows_pad, scale, qk_scale,
         STAGES=2 if D > 64 else 3, CAUSAL=causal, num_warps=4, maxnreg=168)
     dq = (dq_acc[:, :, :seqlen_q] * scale).transpose(1, 2).to(q.dtype).contiguous()
@@ -122,14 +122,16 @@ def _bhs(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def descriptors(q, k, v, dout):
-    """TMA descriptors: q, dout (1, BLOCK_M, 1, D) boxes; k, v (1, HALF_N, 1, D); k again with
-    (1, HALF_N, 1, D / 2) boxes (dQ's B operand: key half h, column half c)."""
+def descriptors(q, k, v, dout, dq_acc):
+    """TMA descriptors: q, dout (1, BLOCK_M, 1, D) boxes; k, v (1, HALF_N, 1, D); dq_acc (fp32
+    (B, Hq, rows_pad, D)) with (1, 1, BLOCK_M, D / 2) boxes: each consumer's bulk reduce-add of
+    its dQ column half."""
     D = q.shape[-1]
-    box, kc_box = [1, BLOCK_M, 1, D], [1, HALF_N, 1, D // 2]
-    row_layout, kc_layout = (gl.NVMMASharedLayout.get_default_for(b, GL_DTYPES[q.dtype]) for b in (box, kc_box))
+    box, dq_box = [1, BLOCK_M, 1, D], [1, 1, BLOCK_M, D // 2]
+    row_layout = gl.NVMMASharedLayout.get_default_for(box, GL_DTYPES[q.dtype])
+    dq_layout = gl.NVMMASharedLayout.get_default_for(dq_box, gl.float32)
     return (TensorDescriptor(q, list(q.shape), list(q.stride()), box, row_layout),
             TensorDescriptor(dout, list(dout.shape), list(dout.stride()), box, row_layout),
             TensorDescriptor(k, list(k.shape), list(k.stride()), [1, HALF_N, 1, D], row_layout),
             TensorDescriptor(v, list(v.shape), list(v.stride()), [1, HALF_N, 1, D], row_layout),
-            TensorDescriptor(k, list(k.shape), list(k.stride()), kc_box, kc_layout))
+            TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), dq_box, dq_layout))

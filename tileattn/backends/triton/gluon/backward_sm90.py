@@ -60,29 +60,37 @@ Exactness (what the launcher routes here, backward_launch.py):
   pairs and selects elsewhere: nothing non-finite arises.
 """
 
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, \
     warpgroup_mma_wait
 
 
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """dst[box at coord] += src (shared memory) by a bulk TMA reduce (cp.reduce.async.bulk.tensor
+    .add, fp32 adds in L2): the op ``tl``'s descriptor atomic_add lowers to, which triton 3.6's
+    Gluon builder has (create_async_tma_reduce) but its hopper ``tma`` module does not export.
+    Issued by one thread of the partition and committed as a bulk group: ``tma.store_wait(0)``
+    waits until src may be written again."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
 @gluon.jit
-def _bwd_loader(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, kv_ready,
-                q_ready, q_empty, off_b, off_hk, n0, m_lo, n_m, group):
-    """Producer warp: K, V and the column halves of K once (kv_ready); then per (query head,
-    row block) step Q_i and dO_i into ring slot it % STAGES once both consumers released it."""
+def _bwd_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, q_empty, off_b,
+                off_hk, n0, m_lo, n_m, group):
+    """Producer warp: K and V once (kv_ready); then per (query head, row block) step Q_i and
+    dO_i into ring slot it % STAGES once both consumers released it."""
     HALF_N: gl.constexpr = k_smem.shape[2]
     BLOCK_M: gl.constexpr = q_smem.shape[2]
-    HALF_D: gl.constexpr = kc_smem.shape[4]
     STAGES: gl.constexpr = q_smem.shape[0]
-    mbarrier.expect(kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes
-                                   + 2 * kc_desc.block_type.nbytes))
+    mbarrier.expect(kv_ready, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for h in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [off_b, n0 + h * HALF_N, off_hk, 0], kv_ready, k_smem.index(h))
         tma.async_copy_global_to_shared(v_desc, [off_b, n0 + h * HALF_N, off_hk, 0], kv_ready, v_smem.index(h))
-        for c in gl.static_range(2):  # slot 2 h + c: keys of half h, columns of half c
-            tma.async_copy_global_to_shared(kc_desc, [off_b, n0 + h * HALF_N, off_hk, c * HALF_D], kv_ready,
-                                            kc_smem.index(2 * h + c))
     it = 0
     for g in range(group):
         off_h = off_hk * group + g
@@ -97,15 +105,15 @@ def _bwd_loader(q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_sme
 
 
 @gluon.jit
-def _step(c, it, m0, k2, v2, kc_smem, q_smem, do_smem, p_smem, ds_smem, q_ready, q_empty, ds_ready, dk, dv, offs_n,
-          stats_row, dq_row, Lse2, Delta, LogL, seqlen_k, right, qk_scale, MASKED: gl.constexpr):
+def _step(c: gl.constexpr, it, m0, off_b, off_h, k2, v2, k_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, dq_desc, q_ready, q_empty,
+          ds_ready, dk, dv, offs_n, stats_row, Lse2, Delta, LogL, seqlen_k, right, qk_scale, MASKED: gl.constexpr):
     """One query row block (ring tile ``it``, rows [m0, m0 + BLOCK_M)) for consumer c's keys
     offs_n; returns (dk, dv). See the module docstring for the order of the six wgmmas."""
     BLOCK_M: gl.constexpr = q_smem.shape[2]
     HEAD_D: gl.constexpr = q_smem.shape[4]
     STAGES: gl.constexpr = q_smem.shape[0]
     HALF_N: gl.constexpr = k2.shape[0]
-    HALF_D: gl.constexpr = kc_smem.shape[4]
+    HALF_D: gl.constexpr = HEAD_D // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HALF_N, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -139,22 +147,25 @@ def _step(c, it, m0, k2, v2, kc_smem, q_smem, do_smem, p_smem, ds_smem, q_ready,
     mbarrier.arrive(ds_ready.index(ds_slot), count=1)
     dk = warpgroup_mma(ds_c.permute((1, 0)), q2, dk, is_async=True)
     mbarrier.wait(ds_ready.index(ds_slot), (it // 2) & 1)
-    dq = warpgroup_mma(ds_smem.index(2 * ds_slot), kc_smem.index(c).reshape([HALF_N, HALF_D]),
+    dq = warpgroup_mma(ds_smem.index(2 * ds_slot), k_smem.index(0).reshape([HALF_N, HEAD_D]).slice(c * HALF_D, HALF_D, 1),
                        gl.zeros([BLOCK_M, HALF_D], gl.float32, dq_layout), use_acc=False, is_async=True)
-    dq = warpgroup_mma(ds_smem.index(2 * ds_slot + 1), kc_smem.index(2 + c).reshape([HALF_N, HALF_D]), dq,
-                       is_async=True)
+    dq = warpgroup_mma(ds_smem.index(2 * ds_slot + 1), k_smem.index(1).reshape([HALF_N, HEAD_D]).slice(c * HALF_D, HALF_D, 1),
+                       dq, is_async=True)
     dv, dk, dq = warpgroup_mma_wait(0, deps=[dv, dk, dq])
     mbarrier.arrive(q_empty.index(slot), count=1)
-    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-    cols = c * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(0, dq_layout))
-    gl.atomic_add(dq_row + rows.to(gl.int64)[:, None] * HEAD_D + cols[None, :], dq, sem="relaxed")
+    # dQ[:, half c] += dq through shared memory: the previous step's reduce must have read it
+    tma.store_wait(0)
+    dq_c = dq_smem.index(c)
+    dq_c.reshape([BLOCK_M, HALF_D]).store(dq)
+    fence_async_shared()
+    _tma_reduce_add(dq_desc, [off_b, off_h, m0, c * HALF_D], dq_c)
     return dk, dv
 
 
 @gluon.jit
-def _bwd_consumer(c, k_smem, v_smem, kc_smem, q_smem, do_smem, p_smem, ds_smem, kv_ready, q_ready, q_empty, ds_ready, DK, DV,
-                  DQAcc, Lse2, Delta, LogL, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, off_b,
-                  off_hk, n0, m_lo, n_m, n_masked, group, num_heads, rows_pad, seqlen_k, right, scale, qk_scale):
+def _bwd_consumer(c: gl.constexpr, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready, q_empty,
+                  ds_ready, DK, DV, Lse2, Delta, LogL, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                  off_b, off_hk, n0, m_lo, n_m, n_masked, group, num_heads, rows_pad, seqlen_k, right, scale, qk_scale):
     """Consumer warpgroup c (0 or 1): dK, dV of keys [n0 + 64 c, + 64) over every step, then
     stores them (dk times scale) with a row mask at Sk."""
     HALF_N: gl.constexpr = k_smem.shape[2]
@@ -172,18 +183,18 @@ def _bwd_consumer(c, k_smem, v_smem, kc_smem, q_smem, do_smem, p_smem, ds_smem, 
     mbarrier.wait(kv_ready, 0)
     it = 0
     for g in range(group):
-        bh = off_b.to(gl.int64) * num_heads + off_hk * group + g
-        stats_row = bh * rows_pad
-        dq_row = DQAcc + bh * rows_pad * HEAD_D
+        off_h = off_hk * group + g
+        stats_row = (off_b.to(gl.int64) * num_heads + off_h) * rows_pad
         for i in range(n_masked):
-            dk, dv = _step(c, it + i, m_lo + i * BLOCK_M, k2, v2, kc_smem, q_smem, do_smem, p_smem, ds_smem, q_ready, q_empty,
-                           ds_ready, dk, dv, offs_n, stats_row, dq_row, Lse2, Delta, LogL, seqlen_k, right, qk_scale,
-                           True)
+            dk, dv = _step(c, it + i, m_lo + i * BLOCK_M, off_b, off_h, k2, v2, k_smem, q_smem, do_smem, p_smem, ds_smem,
+                           dq_smem, dq_desc, q_ready, q_empty, ds_ready, dk, dv, offs_n, stats_row, Lse2, Delta, LogL,
+                           seqlen_k, right, qk_scale, True)
         for i in range(n_masked, n_m):
-            dk, dv = _step(c, it + i, m_lo + i * BLOCK_M, k2, v2, kc_smem, q_smem, do_smem, p_smem, ds_smem, q_ready, q_empty,
-                           ds_ready, dk, dv, offs_n, stats_row, dq_row, Lse2, Delta, LogL, seqlen_k, right, qk_scale,
-                           False)
+            dk, dv = _step(c, it + i, m_lo + i * BLOCK_M, off_b, off_h, k2, v2, k_smem, q_smem, do_smem, p_smem, ds_smem,
+                           dq_smem, dq_desc, q_ready, q_empty, ds_ready, dk, dv, offs_n, stats_row, Lse2, Delta, LogL,
+                           seqlen_k, right, qk_scale, False)
         it += n_m
+    tma.store_wait(0)  # the last reduce has read dq_smem before the CTA exits
     rows = n0 + c * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, kv_layout))
     cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, kv_layout))
     keep = (rows < seqlen_k)[:, None]
@@ -196,13 +207,14 @@ def _bwd_consumer(c, k_smem, v_smem, kc_smem, q_smem, do_smem, p_smem, ds_smem, 
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
-def bwd_kernel(q_desc, do_desc, k_desc, v_desc, kc_desc, DK, DV, DQAcc, Lse2, Delta, LogL,
+def bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, DK, DV, Lse2, Delta, LogL,
                stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                num_heads, num_kv_heads, seqlen_q, seqlen_k, rows_pad, scale, qk_scale,
                STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """Grid (cdiv(Sk, 128) * B * Hkv,): key blocks fastest (a head's programs share its Q / dO in
     L2); num_warps=4 (the default consumer) + 4 + 1 worker warps. DK / DV strides are dk's / dv's
-    (B, Sk, Hkv, D) strides; scale multiplies dk (dq: the launcher)."""
+    (B, Sk, Hkv, D) strides; dq_desc: DQAcc (B, Hq, rows_pad, D) fp32, box (1, 1, BLOCK_M, D / 2);
+    scale multiplies dk (dq: the launcher)."""
     HALF_N: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = 2 * HALF_N
@@ -230,12 +242,12 @@ def bwd_kernel(q_desc, do_desc, k_desc, v_desc, kc_desc, DK, DV, DQAcc, Lse2, De
 
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
-    kc_smem = gl.allocate_shared_memory(kc_desc.dtype, [4] + kc_desc.block_type.shape, kc_desc.layout)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
     pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HALF_N], q_desc.dtype)
     p_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_M, HALF_N], pds_layout)  # (consumer)
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, [4, BLOCK_M, HALF_N], pds_layout)  # (2 * slot + consumer)
+    dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2] + dq_desc.block_type.shape, dq_desc.layout)  # (consumer)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -247,12 +259,12 @@ def bwd_kernel(q_desc, do_desc, k_desc, v_desc, kc_desc, DK, DV, DQAcc, Lse2, De
     for i in gl.static_range(2):
         mbarrier.init(ds_ready.index(i), count=2)
 
-    shared = (k_smem, v_smem, kc_smem, q_smem, do_smem, p_smem, ds_smem, kv_ready, q_ready, q_empty, ds_ready, DK, DV, DQAcc,
-              Lse2, Delta, LogL, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, off_b, off_hk, n0,
+    shared = (k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready, q_empty, ds_ready, DK,
+              DV, Lse2, Delta, LogL, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, off_b, off_hk, n0,
               m_lo, n_m, n_masked, group, num_heads, rows_pad, seqlen_k, right, scale, qk_scale)
     gl.warp_specialize([
-        (_bwd_consumer, (seqlen_q * 0,) + shared),
-        (_bwd_consumer, (seqlen_q * 0 + 1,) + shared),
-        (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, kc_desc, q_smem, do_smem, k_smem, v_smem, kc_smem, kv_ready,
-                       q_ready, q_empty, off_b, off_hk, n0, m_lo, n_m, group)),
+        (_bwd_consumer, (0,) + shared),
+        (_bwd_consumer, (1,) + shared),
+        (_bwd_loader, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, q_empty,
+                       off_b, off_hk, n0, m_lo, n_m, group)),
     ], [4, 1], [240, 24])
