@@ -22,7 +22,7 @@ from triton.runtime.jit import mangle_type  # noqa: E402
 from tileattn.backends.triton.gluon import backward_sm90 as G  # noqa: E402
 from tileattn.backends.triton.gluon.backward_launch import descriptors  # noqa: E402
 
-PTRS = {"DK": "*bf16", "DV": "*bf16", "Lse2": "*fp32", "Delta": "*fp32", "LogL": "*fp32"}
+PTRS = {"DK": "*bf16", "DV": "*bf16", "Stats": "*fp32"}
 
 
 def compile_one(D, causal, dtype=torch.bfloat16):

@@ -4,8 +4,8 @@ Imported only after :func:`tileattn.backends.triton.gluon.available` said Gluon 
 only for the calls ``plan/backward.py``'s ``gluon_bwd_rule`` routes here (dense, 16-bit, D == Dv
 in {64, 128}, plain or causal, positive scale, ``deterministic=False``, knob on).
 
-Order: (1) ``_bwd_prep_kernel`` (``tl``) writes lse2, delta, log_l per (batch, query head) row,
-padded to BLOCK_M ([Note] large lse of backward_kernels.py: row blocks with |lse2| > LSE_EXACT
+Order: (1) ``_bwd_prep_kernel`` (``tl``) writes lse2, log_l, delta per (batch, query head) row,
+padded to BLOCK_M and packed per 64-row block (one base pointer and immediate offsets in the kernel) ([Note] large lse of backward_kernels.py: row blocks with |lse2| > LSE_EXACT
 get the exact row max and log2 l from the same ``_row_stats``) and flags a NaN / +inf lse or a
 non-finite delta; (2) causal calls only: that flag or a non-finite q, k, v is read on the host
 (one sync) and, if set, :func:`backward` returns None so the caller runs the ``tl`` kernels
@@ -29,14 +29,14 @@ HALF_N = 64  # keys per consumer warpgroup; BLOCK_N = 128 per program
 
 
 @triton.jit
-def _bwd_prep_kernel(Q, K, Out, DOut, Lse, Lse2, Delta, LogL, Flag,
+def _bwd_prep_kernel(Q, K, Out, DOut, Lse, Stats, Flag,
                      stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_ob, stride_om, stride_oh,
                      stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
                      num_heads, group, seqlen_q, seqlen_k, rows_pad, qk_scale, window_right,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq): rows [m0, m0 + BLOCK_M) of one (batch, query head).
-    Lse2 / Delta / LogL (B * Hq, rows_pad) fp32: lse * log2(e) (+inf for empty rows and rows
-    past Sq), rowsum(out * dout), 0; a row block with |lse2| > LSE_EXACT stores its exact row
+    Stats (B * Hq, rows_pad / BLOCK_M, 3, BLOCK_M) fp32, per row block [lse2, log_l, delta]:
+    lse * log2(e) (+inf for empty rows and rows past Sq), 0, rowsum(out * dout); a row block with |lse2| > LSE_EXACT stores its exact row
     max and log2 l instead ([Note] large lse). Flag (int32, zeroed) gets 1 where a row < Sq has a
     NaN or +inf lse or a non-finite delta."""
     m0 = tl.program_id(0) * BLOCK_M
@@ -63,10 +63,10 @@ def _bwd_prep_kernel(Q, K, Out, DOut, Lse, Lse2, Delta, LogL, Flag,
                                   HEAD_D, False, False, 0, False, CAUSAL, False, False, "tf32")
         log_l = tl.where(lse2 == float("inf"), 0.0, row_l)
         lse2 = tl.where(lse2 == float("inf"), lse2, row_m)
-    row = off_bh.to(tl.int64) * rows_pad + offs_m
-    tl.store(Lse2 + row, lse2)
-    tl.store(Delta + row, delta)
-    tl.store(LogL + row, log_l)
+    blk = Stats + (off_bh.to(tl.int64) * (rows_pad // BLOCK_M) + tl.program_id(0)) * (3 * BLOCK_M) + tl.arange(0, BLOCK_M)
+    tl.store(blk, lse2)
+    tl.store(blk + BLOCK_M, log_l)
+    tl.store(blk + 2 * BLOCK_M, delta)
     bad = (lse != lse) | (lse == float("inf")) | ((delta - delta) != 0.0)  # delta - delta: NaN unless finite
     if tl.max(bad.to(tl.int32), 0) > 0:
         tl.store(Flag, 1)
@@ -91,12 +91,11 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
     seqlen_k, hkv = k.shape[1], k.shape[2]
     dev = q.device
     rows_pad = triton.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
-    lse2 = torch.empty((batch * hq, rows_pad), dtype=torch.float32, device=dev)
-    delta, log_l = torch.empty_like(lse2), torch.empty_like(lse2)
+    stats = torch.empty((batch * hq, rows_pad // BLOCK_M, 3, BLOCK_M), dtype=torch.float32, device=dev)
     flag = torch.zeros(1, dtype=torch.int32, device=dev)
     qk_scale = scale * LOG2E
     _bwd_prep_kernel[(rows_pad // BLOCK_M, batch * hq)](
-        q, k, out, dout, lse, lse2, delta, log_l, flag,
+        q, k, out, dout, lse, stats, flag,
         *_bhs(q), *_bhs(k), *_bhs(out), *_bhs(dout), lse.stride(0), lse.stride(1),
         hq, hq // hkv, seqlen_q, seqlen_k, rows_pad, qk_scale, 0 if causal else -1,
         HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=64, CAUSAL=causal, num_warps=4)
@@ -110,7 +109,7 @@ def backward(dout, q, k, v, out, lse, scale: float, causal: bool):
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     num_n = triton.cdiv(seqlen_k, 2 * HALF_N)
     bwd_kernel[(num_n * batch * hkv,)](
-        *descriptors(q, k, v, dout, dq_acc), dk, dv, lse2, delta, log_l, *_bhs(dk), *_bhs(dv),
+        *descriptors(q, k, v, dout, dq_acc), dk, dv, stats, *_bhs(dk), *_bhs(dv),
         hq, hkv, seqlen_q, seqlen_k, rows_pad, scale, qk_scale,
         STAGES=2 if D > 64 else 3, CAUSAL=causal, num_warps=4, maxnreg=168)
     dq = (dq_acc[:, :, :seqlen_q] * scale).transpose(1, 2).to(q.dtype).contiguous()

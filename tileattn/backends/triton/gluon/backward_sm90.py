@@ -106,7 +106,7 @@ def _bwd_loader(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem
 
 @gluon.jit
 def _step(c: gl.constexpr, it, m0, off_b, off_h, k2, v2, k_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, dq_desc, q_ready, q_empty,
-          ds_ready, dk, dv, offs_n, stats_row, Lse2, Delta, LogL, seqlen_k, right, qk_scale, MASKED: gl.constexpr):
+          ds_ready, dk, dv, offs_n, stats_blk, Stats, seqlen_k, right, qk_scale, masked):
     """One query row block (ring tile ``it``, rows [m0, m0 + BLOCK_M)) for consumer c's keys
     offs_n; returns (dk, dv). See the module docstring for the order of the six wgmmas."""
     BLOCK_M: gl.constexpr = q_smem.shape[2]
@@ -118,7 +118,7 @@ def _step(c: gl.constexpr, it, m0, off_b, off_h, k2, v2, k_smem, q_smem, do_smem
                                                        instr_shape=[16, HALF_N, 16])
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HALF_D, 16])
-    offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     slot = it % STAGES
     mbarrier.wait(q_ready.index(slot), (it // STAGES) & 1)
     q2 = q_smem.index(slot).reshape([BLOCK_M, HEAD_D])
@@ -127,18 +127,21 @@ def _step(c: gl.constexpr, it, m0, off_b, off_h, k2, v2, k_smem, q_smem, do_smem
     s = warpgroup_mma(q2, k2.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     dp = warpgroup_mma(do2, v2.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(1, deps=[s])
-    lse2 = gl.load(Lse2 + stats_row + offs_m)  # padded buffers: no mask
-    log_l = gl.load(LogL + stats_row + offs_m)
+    stats = Stats + stats_blk.to(gl.int64) * (3 * BLOCK_M) + rows  # padded: no mask
+    lse2 = gl.load(stats)
+    log_l = gl.load(stats + BLOCK_M)
     p = gl.exp2((s * qk_scale - lse2[:, None]) - log_l[:, None])
-    if MASKED:
-        keep = (offs_n < seqlen_k)[None, :] & (offs_n[None, :] <= (offs_m + right)[:, None])
-        p = gl.where(keep, p, 0.0)
+    if masked:
+        # keep iff key n0c + j <= min(m + right, Sk - 1): one compare of the local column j per element
+        cols = gl.arange(0, HALF_N, layout=gl.SliceLayout(0, s_layout))
+        bound = gl.minimum(m0 + rows + right, seqlen_k - 1) - offs_n
+        p = gl.where(cols[None, :] <= bound[:, None], p, 0.0)
     p_c = p_smem.index(c)
     p_c.store(p.to(q2.dtype))
     fence_async_shared()
     dv = warpgroup_mma(p_c.permute((1, 0)), do2, dv, is_async=True)
     dp = warpgroup_mma_wait(1, deps=[dp])  # in order: dp is done, dV may still run
-    delta = gl.load(Delta + stats_row + offs_m)
+    delta = gl.load(stats + 2 * BLOCK_M)
     ds = p * (dp - delta[:, None])  # p = 0 outside the keep rule; dp is finite there (module docstring)
     ds_slot = it % 2
     ds_c = ds_smem.index(2 * ds_slot + c)
@@ -164,7 +167,7 @@ def _step(c: gl.constexpr, it, m0, off_b, off_h, k2, v2, k_smem, q_smem, do_smem
 
 @gluon.jit
 def _bwd_consumer(c: gl.constexpr, k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready, q_empty,
-                  ds_ready, DK, DV, Lse2, Delta, LogL, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+                  ds_ready, DK, DV, Stats, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                   off_b, off_hk, n0, m_lo, n_m, n_masked, group, num_heads, rows_pad, seqlen_k, right, scale, qk_scale):
     """Consumer warpgroup c (0 or 1): dK, dV of keys [n0 + 64 c, + 64) over every step, then
     stores them (dk times scale) with a row mask at Sk."""
@@ -177,23 +180,19 @@ def _bwd_consumer(c: gl.constexpr, k_smem, v_smem, q_smem, do_smem, p_smem, ds_s
                                                         instr_shape=[16, HEAD_D, 16])
     k2 = k_smem.index(c).reshape([HALF_N, HEAD_D])
     v2 = v_smem.index(c).reshape([HALF_N, HEAD_D])
-    offs_n = n0 + c * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(0, s_layout))
+    offs_n = n0 + c * HALF_N
     dk = gl.zeros([HALF_N, HEAD_D], gl.float32, kv_layout)
     dv = gl.zeros([HALF_N, HEAD_D], gl.float32, kv_layout)
     mbarrier.wait(kv_ready, 0)
-    it = 0
-    for g in range(group):
+    blocks = rows_pad // BLOCK_M  # Stats blocks per (batch, query head)
+    for it in range(group * n_m):  # (query head g of the group, row block i), i fastest
+        g = it // n_m
+        i = it - g * n_m
         off_h = off_hk * group + g
-        stats_row = (off_b.to(gl.int64) * num_heads + off_h) * rows_pad
-        for i in range(n_masked):
-            dk, dv = _step(c, it + i, m_lo + i * BLOCK_M, off_b, off_h, k2, v2, k_smem, q_smem, do_smem, p_smem, ds_smem,
-                           dq_smem, dq_desc, q_ready, q_empty, ds_ready, dk, dv, offs_n, stats_row, Lse2, Delta, LogL,
-                           seqlen_k, right, qk_scale, True)
-        for i in range(n_masked, n_m):
-            dk, dv = _step(c, it + i, m_lo + i * BLOCK_M, off_b, off_h, k2, v2, k_smem, q_smem, do_smem, p_smem, ds_smem,
-                           dq_smem, dq_desc, q_ready, q_empty, ds_ready, dk, dv, offs_n, stats_row, Lse2, Delta, LogL,
-                           seqlen_k, right, qk_scale, False)
-        it += n_m
+        dk, dv = _step(c, it, m_lo + i * BLOCK_M, off_b, off_h, k2, v2, k_smem, q_smem, do_smem, p_smem, ds_smem,
+                       dq_smem, dq_desc, q_ready, q_empty, ds_ready, dk, dv, offs_n,
+                       (off_b * num_heads + off_h) * blocks + m_lo // BLOCK_M + i, Stats, seqlen_k, right, qk_scale,
+                       i < n_masked)
     tma.store_wait(0)  # the last reduce has read dq_smem before the CTA exits
     rows = n0 + c * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, kv_layout))
     cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, kv_layout))
@@ -207,7 +206,7 @@ def _bwd_consumer(c: gl.constexpr, k_smem, v_smem, q_smem, do_smem, p_smem, ds_s
 
 
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
-def bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, DK, DV, Lse2, Delta, LogL,
+def bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, DK, DV, Stats,
                stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
                num_heads, num_kv_heads, seqlen_q, seqlen_k, rows_pad, scale, qk_scale,
                STAGES: gl.constexpr, CAUSAL: gl.constexpr):
@@ -260,7 +259,7 @@ def bwd_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, DK, DV, Lse2, Delta, Lo
         mbarrier.init(ds_ready.index(i), count=2)
 
     shared = (k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, dq_smem, dq_desc, kv_ready, q_ready, q_empty, ds_ready, DK,
-              DV, Lse2, Delta, LogL, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, off_b, off_hk, n0,
+              DV, Stats, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, off_b, off_hk, n0,
               m_lo, n_m, n_masked, group, num_heads, rows_pad, seqlen_k, right, scale, qk_scale)
     gl.warp_specialize([
         (_bwd_consumer, (0,) + shared),
