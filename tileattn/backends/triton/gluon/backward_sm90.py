@@ -131,11 +131,11 @@ def _step(c: gl.constexpr, it, m0, off_b, off_h, k2, v2, k_smem, q_smem, do_smem
     lse2 = gl.load(stats)
     log_l = gl.load(stats + BLOCK_M)
     p = gl.exp2((s * qk_scale - lse2[:, None]) - log_l[:, None])
-    if masked:
-        # keep iff key n0c + j <= min(m + right, Sk - 1): one compare of the local column j per element
-        cols = gl.arange(0, HALF_N, layout=gl.SliceLayout(0, s_layout))
-        bound = gl.minimum(m0 + rows + right, seqlen_k - 1) - offs_n
-        p = gl.where(cols[None, :] <= bound[:, None], p, 0.0)
+    # keep iff key n0c + j <= min(m + right, Sk - 1): one compare of the local column j per element
+    # (steps past n_masked keep every pair: the bound is HALF_N there)
+    cols = gl.arange(0, HALF_N, layout=gl.SliceLayout(0, s_layout))
+    bound = gl.where(masked, gl.minimum(m0 + rows + right, seqlen_k - 1) - offs_n, HALF_N)
+    p = gl.where(cols[None, :] <= bound[:, None], p, 0.0)
     p_c = p_smem.index(c)
     p_c.store(p.to(q2.dtype))
     fence_async_shared()
