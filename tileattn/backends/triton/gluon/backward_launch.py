@@ -5,11 +5,13 @@ only for the calls ``plan/backward.py``'s ``gluon_bwd_rule`` routes here (dense,
 in {64, 128}, plain or causal, positive scale, ``deterministic=False``, knob on).
 
 Order: (1) ``_bwd_prep_kernel`` (``tl``) writes lse2, log_l, delta per (batch, query head) row,
-padded to BLOCK_M and packed per 64-row block (one base pointer and immediate offsets in the kernel) ([Note] large lse of backward_kernels.py: row blocks with |lse2| > LSE_EXACT
-get the exact row max and log2 l from the same ``_row_stats``) and flags a NaN / +inf lse or a
-non-finite delta; (2) causal calls only: that flag or a non-finite q, k, v is read on the host
+padded to BLOCK_M and packed per 64-row block (one base pointer, immediate offsets in the kernel)
+([Note] large lse of backward_kernels.py: row blocks with |lse2| > LSE_EXACT get the exact
+row max and log2 l from the same ``_row_stats``) and flags a NaN / +inf lse or a non-finite
+delta; (2) causal calls only: that flag or a non-finite q, k, v is read on the host
 (one sync) and, if set, :func:`backward` returns None so the caller runs the ``tl`` kernels
-(backward_sm90.py, "Exactness"); (3) ``bwd_kernel``; (4) dq = scale * DQAcc in q's dtype.
+(backward_sm90.py, "Exactness"); (3) ``bwd_kernel``; (4) dq = scale * DQAcc (summed by TMA
+reduce-adds) in q's dtype.
 """
 
 import torch

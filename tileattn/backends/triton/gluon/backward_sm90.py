@@ -6,7 +6,8 @@ Glossary (names fixed across tileattn kernels):
     HALF_D       HEAD_D / 2: consumer c computes dQ columns [c * HALF_D, + HALF_D)
     lse2         row statistic M (lse * log2(e), or the exact row max for large |lse|), +inf for
                  empty rows and rows past Sq; log_l beside it (0 unless [Note] large lse)
-    delta        rowsum(out * dout), fp32 (backward_launch's preprocess writes all three, padded)
+    delta        rowsum(out * dout), fp32 (backward_launch's preprocess writes all three, padded,
+                 packed per 64-row block as Stats (B * Hq, rows_pad / 64, 3, 64): lse2, log_l, delta)
     t            s * qk_scale, qk_scale = scale * log2(e); p = exp2((t - lse2) - log_l)
     dp, ds       dout . v_j and ds = p * (dp - delta) (natural-log units, before ``scale``)
     right        row m keeps key n iff n <= m + right: Sk - Sq when causal, 2^30 otherwise
@@ -14,10 +15,11 @@ Glossary (names fixed across tileattn kernels):
 Layout: q, k, v, dout (B, S, H, D) with unit last stride, read through 4-D TMA descriptors with a
 (1, rows, 1, cols) box (zero fill past Sq / Sk). Query head h reads kv head h // group. dk, dv
 (B, Sk, Hkv, D) are stored from registers with a row mask. DQAcc fp32 (B, Hq, rows_pad, D),
-zeroed, rows_pad = Sq rounded up to BLOCK_M: every step adds its (BLOCK_M, D) dQ partial with
-relaxed fp32 atomics (rows past Sq get exact zeros: p = 0 there); the launcher scales and
-converts it. The atomics make dq's rounding order-dependent: ``deterministic=True`` runs the
-``tl`` kernels instead.
+zeroed, rows_pad = Sq rounded up to BLOCK_M: every step writes each consumer's (BLOCK_M, D / 2)
+dQ partial to shared memory and adds it with a bulk TMA reduce-add (cp.reduce.async.bulk.tensor,
+fp32 adds in L2; rows past Sq get exact zeros: p = 0 there); the launcher scales and converts
+it. The adds make dq's rounding order-dependent: ``deterministic=True`` runs the ``tl`` kernels
+instead.
 
 Program p (one CTA, no persistence) owns keys [n0, n0 + 128) of one (batch, kv head). It walks
 the G query heads of the group (GQA: dK/dV summed over them in registers, no atomics) and, for
@@ -25,21 +27,24 @@ each, the query row blocks that keep any of its keys: rows [m_lo, Sq), m_lo = n0
 rounded down to BLOCK_M (0 unless causal). Steps [0, n_masked) test the keep rule (the causal
 diagonal, keys past Sk in the last key block); the rest keep every pair. Three partitions:
 
-    loader    (1 warp, 24 regs)   K (two 64-key halves), V, and K again as two HALF_D-column
-                                  halves (dQ's B operand) once; then Q_i, dO_i per step into
-                                  ring slot it % STAGES after the slot's empty barrier
+    loader    (1 warp, 24 regs)   K, V (two 64-key halves each) once; then Q_i, dO_i per step
+                                  into ring slot it % STAGES after the slot's empty barrier
     consumer  (4 warps, default)  keys [n0, n0 + 64)
     consumer  (4 warps, 240 regs) keys [n0 + 64, n0 + 128)
 
-A consumer's step (wgmma M = 64 keys for the transposed score tiles):
-    S^T  = K_c Q^T, dP^T = V_c dO^T       (async, both from shared memory)
-    P^T  = exp2((t - lse2) - log_l)        (masked steps: 0 outside the keep rule)
-    dV_c += P^T dO                          (async, P^T from registers)
-    dS^T = P^T (dP^T - delta)               (masked steps: 0 outside the keep rule, a select)
-    dS^T -> shared slot (it % 2, c); arrive ds_ready
-    dK_c += dS^T Q                          (async, dS^T from registers)
-    wait ds_ready (both halves): dQ[:, c] = dS (BLOCK_M x 128 keys) K[:, c-th HALF_D columns]
-    wait all; release Q/dO slot; atomics of dQ[:, c] into DQAcc
+A consumer's step (wgmma M = 64 query rows; the steps are one flat loop over (query head,
+row block), the keep rule a select on every step with bound HALF_N where all pairs are kept):
+    S    = Q K_c^T                          (async from shared memory; wait)
+    P    = exp2((t - lse2) - log_l)         (0 where key j > min(m + right, Sk - 1))
+    P -> shared slot c
+    dP   = dO V_c^T; dV_c += P^T dO         (async; dP is issued only now so that its 32
+                                             accumulator registers are not live beside P's
+                                             fp32 and bf16 copies: D=128 fits 240 registers)
+    dS   = P (dP - delta) -> shared slot (it % 2, c); arrive ds_ready
+    dK_c += dS^T Q                          (async, dS^T from shared memory)
+    wait ds_ready (both halves): dQ[:, c] = dS_0 K_0[:, c-th half] + dS_1 K_1[:, c-th half]
+                                            (B: column slices of K in shared memory)
+    wait all; release Q/dO slot; wait the previous reduce; dQ[:, c] -> shared; TMA reduce-add
 A consumer writes dS slot s at step it + 2 only after the other consumer's step it + 1 has
 arrived on ds_ready, which that consumer does after its step-it dQ wgmma completed: two dS
 slots suffice.
@@ -125,8 +130,7 @@ def _step(c: gl.constexpr, it, m0, off_b, off_h, k2, v2, k_smem, q_smem, do_smem
     do2 = do_smem.index(slot).reshape([BLOCK_M, HEAD_D])
     zero_s = gl.zeros([BLOCK_M, HALF_N], gl.float32, s_layout)
     s = warpgroup_mma(q2, k2.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    dp = warpgroup_mma(do2, v2.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(1, deps=[s])
+    s = warpgroup_mma_wait(0, deps=[s])
     stats = Stats + stats_blk.to(gl.int64) * (3 * BLOCK_M) + rows  # padded: no mask
     lse2 = gl.load(stats)
     log_l = gl.load(stats + BLOCK_M)
@@ -139,9 +143,10 @@ def _step(c: gl.constexpr, it, m0, off_b, off_h, k2, v2, k_smem, q_smem, do_smem
     p_c = p_smem.index(c)
     p_c.store(p.to(q2.dtype))
     fence_async_shared()
+    dp = warpgroup_mma(do2, v2.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     dv = warpgroup_mma(p_c.permute((1, 0)), do2, dv, is_async=True)
     dp = warpgroup_mma_wait(1, deps=[dp])  # in order: dp is done, dV may still run
-    delta = gl.load(stats + 2 * BLOCK_M)
+    delta = gl.load(Stats + stats_blk.to(gl.int64) * (3 * BLOCK_M) + 2 * BLOCK_M + rows)
     ds = p * (dp - delta[:, None])  # p = 0 outside the keep rule; dp is finite there (module docstring)
     ds_slot = it % 2
     ds_c = ds_smem.index(2 * ds_slot + c)
@@ -174,8 +179,6 @@ def _bwd_consumer(c: gl.constexpr, k_smem, v_smem, q_smem, do_smem, p_smem, ds_s
     HALF_N: gl.constexpr = k_smem.shape[2]
     HEAD_D: gl.constexpr = k_smem.shape[4]
     BLOCK_M: gl.constexpr = q_smem.shape[2]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HALF_N, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HEAD_D, 16])
     k2 = k_smem.index(c).reshape([HALF_N, HEAD_D])
