@@ -7,10 +7,7 @@ causal or not).
     SASS_DIR=dir python scripts/gluon_bwd_sass.py    # keep each variant's SASS, PTX and TTGIR
 """
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 import torch  # noqa: E402
@@ -21,6 +18,8 @@ from triton.runtime.jit import mangle_type  # noqa: E402
 
 from tileattn.backends.triton.gluon import backward_sm90 as G  # noqa: E402
 from tileattn.backends.triton.gluon.backward_launch import descriptors  # noqa: E402
+
+from gluon_sass import report, run_variants  # noqa: E402  (this folder: the shared compile report)
 
 PTRS = {"DK": "*bf16", "DV": "*bf16", "Stats": "*fp32"}
 
@@ -47,32 +46,8 @@ def compile_one(D, causal, dtype=torch.bfloat16):
             sig[name] = "i32"
     k = triton.compile(GluonASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 128),
                        options=dict(num_warps=4, maxnreg=168))
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        open(cubin, "wb").write(k.asm["cubin"])
-        sass, res = (subprocess.run([cuobjdump, flag, cubin], capture_output=True, text=True).stdout
-                     for flag in ("-sass", "-res-usage"))
-    label = f"bwd d{D} {'causal' if causal else 'plain'}"
-    if os.environ.get("SASS_DIR"):
-        for ext, text in (("sass", sass), ("ptx", k.asm["ptx"]), ("ttgir", k.asm["ttgir"])):
-            open(os.path.join(os.environ["SASS_DIR"], f"{label.replace(' ', '_')}.{ext}"), "w").write(text)
-    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
-    count = lambda pat: len(re.findall(pat, sass))  # noqa: E731
-    setmaxnreg = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+\d+", k.asm["ptx"])
-    return (f"{label:<18} regs {regs} stack {stack} smem {k.metadata.shared} HGMMA {count(r'HGMMA')} "
-            f"RED {count(r'RED')} STL {count(r'STL')} LDL {count(r'LDL')} "
-            f"setmaxnreg {[int(x.split()[-1]) for x in setmaxnreg]}")
+    return report(k, f"bwd d{D} {'causal' if causal else 'plain'}", 18, extra=("RED",))
 
 
 if __name__ == "__main__":
-    only = sys.argv[1:]
-    for D in (64, 128):
-        for causal in (False, True):
-            label = f"bwd d{D} {'causal' if causal else 'plain'}"
-            if only and not any(o in label for o in only):
-                continue
-            try:
-                print(compile_one(D, causal), flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"{label:<18} ERROR {type(e).__name__}: {str(e)[:3000]}", flush=True)
+    run_variants(compile_one, "bwd ", 18)

@@ -46,32 +46,44 @@ def compile_one(D, causal, dtype=torch.bfloat16):
             sig[name] = "i32"
     src = GluonASTSource(fn, sig, cx, attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, maxnreg=meta["maxnreg"]))
+    return report(k, f"d{D} {'causal' if causal else 'plain'}", 14)
+
+
+def report(k, label, width, extra=()):
+    """One line of a compiled Gluon kernel's facts (``SASS_DIR`` keeps its SASS, PTX and TTGIR):
+    registers, stack, shared memory, HGMMA / STL / LDL counts and any ``extra`` SASS opcodes,
+    the setmaxnreg values of its PTX."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         open(cubin, "wb").write(k.asm["cubin"])
         sass, res = (subprocess.run([cuobjdump, flag, cubin], capture_output=True, text=True).stdout
                      for flag in ("-sass", "-res-usage"))
-    label = f"d{D} {'causal' if causal else 'plain'}"
     if os.environ.get("SASS_DIR"):
         for ext, text in (("sass", sass), ("ptx", k.asm["ptx"]), ("ttgir", k.asm["ttgir"])):
             open(os.path.join(os.environ["SASS_DIR"], f"{label.replace(' ', '_')}.{ext}"), "w").write(text)
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", res).groups()
     shared = re.search(r"SHARED:(\d+)", res).group(1)
-    count = lambda pat: len(re.findall(pat, sass))  # noqa: E731
+    counts = " ".join(f"{op} {len(re.findall(op, sass))}" for op in ("HGMMA", *extra, "STL", "LDL"))
     setmaxnreg = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+\d+", k.asm["ptx"])
-    return (f"{label:<14} regs {regs} stack {stack} smem {k.metadata.shared} ({shared}) HGMMA {count(r'HGMMA')} "
-            f"STL {count(r'STL')} LDL {count(r'LDL')} setmaxnreg {[int(x.split()[-1]) for x in setmaxnreg]}")
+    return (f"{label:<{width}} regs {regs} stack {stack} smem {k.metadata.shared} ({shared}) {counts} "
+            f"setmaxnreg {[int(x.split()[-1]) for x in setmaxnreg]}")
 
 
-if __name__ == "__main__":
+def run_variants(compile_one, prefix, width):
+    """Print compile_one(D, causal) for D in (64, 128), plain and causal, whose label
+    ("<prefix>d128 causal") contains one of the command line's words (all without any)."""
     only = sys.argv[1:]
     for D in (64, 128):
         for causal in (False, True):
-            label = f"d{D} {'causal' if causal else 'plain'}"
+            label = f"{prefix}d{D} {'causal' if causal else 'plain'}"
             if only and not any(o in label for o in only):
                 continue
             try:
                 print(compile_one(D, causal), flush=True)
             except Exception as e:  # noqa: BLE001
-                print(f"{label:<14} ERROR {type(e).__name__}: {str(e)[:1500]}", flush=True)
+                print(f"{label:<{width}} ERROR {type(e).__name__}: {str(e)[:1500]}", flush=True)
+
+
+if __name__ == "__main__":
+    run_variants(compile_one, "", 14)
